@@ -1,0 +1,203 @@
+"""Control protocol v1: request validation and reply envelopes (see docs/protocol.md).
+
+Request: one UTF-8 JSON frame `{"v":1,"id":<any>,"cmd":"<name>","args":{...}}`.
+Reply:   `{"v":1,"id":<same>,"ok":true,"result":{...}}` or
+         `{"v":1,"id":<same>,"ok":false,"error":{"code":"...","message":"..."}}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepgpu.protocol.units import UnitError, parse_vram
+
+VERSION = 1
+MAX_REQUEST_BYTES = 64 * 1024
+
+MODES = ("duty", "sm", "compute", "pstate")
+ERROR_CODES = (
+    "bad_request",
+    "unknown_command",
+    "invalid_argument",
+    "not_found",
+    "conflict",
+    "internal",
+)
+
+GpuRef = int | str
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served; `code` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: Any = None
+
+
+def _gpus(value: Any) -> list[GpuRef]:
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("invalid_argument", "gpus must be a non-empty list of ids")
+    out: list[GpuRef] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise ProtocolError("invalid_argument", f"gpu id must be an integer or a string: {item!r}")
+        if isinstance(item, int) and item < 0:
+            raise ProtocolError("invalid_argument", f"gpu id must not be negative: {item}")
+        if isinstance(item, str) and not (0 < len(item) <= 128):
+            raise ProtocolError("invalid_argument", "gpu id string must be 1-128 characters")
+        if item in out:
+            raise ProtocolError("invalid_argument", f"duplicate gpu id: {item!r}")
+        out.append(item)
+    return out
+
+
+def _number(lo: float, hi: float, name: str) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError("invalid_argument", f"{name} must be a number")
+        if not lo <= float(value) <= hi:
+            raise ProtocolError("invalid_argument", f"{name} must be in [{lo:g}, {hi:g}]: {value}")
+        return float(value)
+
+    return check
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("invalid_argument", "seconds must be a number")
+    if not 0 < float(value) <= 30 * 24 * 3600:
+        raise ProtocolError("invalid_argument", f"seconds must be in (0, 2592000]: {value}")
+    return float(value)
+
+
+def _vram(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError("invalid_argument", "vram must be a string like '1GiB'/'20%' or bytes")
+    try:
+        return parse_vram(value).to_wire()
+    except UnitError as exc:
+        raise ProtocolError("invalid_argument", str(exc)) from None
+
+
+def _mode(value: Any) -> str:
+    if value not in MODES:
+        raise ProtocolError("invalid_argument", f"mode must be one of {', '.join(MODES)}")
+    return str(value)
+
+
+def _on_pressure(value: Any) -> str:
+    if value not in ("yield", "hold"):
+        raise ProtocolError("invalid_argument", "on_pressure must be 'yield' or 'hold'")
+    return str(value)
+
+
+def _timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ProtocolError("invalid_argument", "timeout must be a number in (0, 3600]")
+    return float(value)
+
+
+# Allowed args per command: name -> (validator, required)
+_Check = Callable[[Any], Any]
+SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
+    "ping": {},
+    "status": {"gpus": (_gpus, False)},
+    "stop": {"gpus": (_gpus, False)},
+    "start": {"gpus": (_gpus, False)},
+    "pause": {"gpus": (_gpus, False), "seconds": (_seconds, False)},
+    "resume": {"gpus": (_gpus, False)},
+    "set": {
+        "gpus": (_gpus, False),
+        "vram": (_vram, False),
+        "mode": (_mode, False),
+        "target_util": (_number(1, 100, "target_util"), False),
+        "busy_threshold": (_number(-1, 100, "busy_threshold"), False),
+        "max_temp": (_number(1, 150, "max_temp"), False),
+        "on_pressure": (_on_pressure, False),
+    },
+    "wait": {"gpus": (_gpus, False), "timeout": (_timeout, False)},
+}
+COMMANDS = tuple(SCHEMA)
+
+
+def parse_request(frame: bytes) -> Request:
+    """Decode and validate one request frame. Raises ProtocolError (id lost when undecodable)."""
+    if len(frame) > MAX_REQUEST_BYTES:
+        raise ProtocolError("bad_request", f"request is {len(frame)} bytes; limit {MAX_REQUEST_BYTES}")
+    try:
+        obj = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_request", f"request is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_request", "request must be a JSON object")
+    req_id = obj.get("id")
+    try:
+        return _validate(obj, req_id)
+    except ProtocolError as exc:
+        exc.request_id = req_id  # type: ignore[attr-defined]
+        raise
+
+
+def _validate(obj: dict[str, Any], req_id: Any) -> Request:
+    unknown_keys = set(obj) - {"v", "id", "cmd", "args"}
+    if unknown_keys:
+        raise ProtocolError("bad_request", f"unknown request fields: {sorted(unknown_keys)}")
+    if obj.get("v", VERSION) != VERSION or isinstance(obj.get("v"), bool):
+        raise ProtocolError("bad_request", f"unsupported protocol version {obj.get('v')!r}; use 1")
+    cmd = obj.get("cmd")
+    if not isinstance(cmd, str):
+        raise ProtocolError("bad_request", "cmd must be a string")
+    if cmd not in SCHEMA:
+        raise ProtocolError("unknown_command", f"unknown command {cmd[:64]!r}")
+    args = obj.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError("bad_request", "args must be a JSON object")
+    schema = SCHEMA[cmd]
+    extra = set(args) - set(schema)
+    if extra:
+        raise ProtocolError("invalid_argument", f"{cmd}: unknown argument(s) {sorted(extra)}")
+    clean: dict[str, Any] = {}
+    for name, (check, required) in schema.items():
+        if name in args:
+            clean[name] = check(args[name])
+        elif required:
+            raise ProtocolError("invalid_argument", f"{cmd}: missing argument {name!r}")
+    if cmd == "set" and not set(clean) - {"gpus"}:
+        raise ProtocolError("invalid_argument", "set: give at least one setting to change")
+    return Request(cmd=cmd, args=clean, id=req_id)
+
+
+def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: Any = None) -> bytes:
+    return json.dumps({"v": VERSION, "id": req_id, "cmd": cmd, "args": args or {}}).encode()
+
+
+def ok_reply(req_id: Any, result: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, "id": req_id, "ok": True, "result": result}).encode()
+
+
+def error_reply(req_id: Any, code: str, message: str) -> bytes:
+    body = {"code": code, "message": message}
+    return json.dumps({"v": VERSION, "id": req_id, "ok": False, "error": body}).encode()
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """Decode a reply; raises ValueError when it is not a v1 reply envelope."""
+    obj = json.loads(frame.decode("utf-8"))
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or not isinstance(obj.get("ok"), bool):
+        raise ValueError("not a keepgpu v1 reply")
+    return obj
