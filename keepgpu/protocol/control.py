@@ -104,12 +104,6 @@ def _on_pressure(value: Any) -> str:
     return str(value)
 
 
-def _timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-        raise ProtocolError("invalid_argument", "timeout must be a number in (0, 3600]")
-    return float(value)
-
-
 # Allowed args per command: name -> (validator, required)
 _Check = Callable[[Any], Any]
 SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
@@ -128,7 +122,6 @@ SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
         "max_temp": (_number(1, 150, "max_temp"), False),
         "on_pressure": (_on_pressure, False),
     },
-    "wait": {"gpus": (_gpus, False), "timeout": (_timeout, False)},
 }
 COMMANDS = tuple(SCHEMA)
 

@@ -1,0 +1,176 @@
+"""`keepgpu-supervise`: start the supervisor (one worker process per selected GPU).
+
+Exit codes: 0 released cleanly; 1 some GPU not released cleanly / already running; 2 usage;
+4 every GPU fatal; 78 configuration error (no such GPU, unusable runtime dir or endpoint).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from keepgpu._version import __version__
+from keepgpu.cli.common import EXIT_CONFIG, EXIT_USAGE, fail, run_standalone, setup_logging
+from keepgpu.protocol.control import MODES
+from keepgpu.protocol.runtime import RuntimeDirError, default_runtime_dir, ensure_dir, paths_for
+from keepgpu.protocol.units import UnitError, parse_vram
+from keepgpu.supervisor.config import ENGINES, SupervisorConfig, WorkerSettings
+from keepgpu.supervisor.devices import ConfigError, select, visible_devices
+from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
+from keepgpu.supervisor.loop import Supervisor
+
+log = logging.getLogger("keepgpu.supervisor")
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise click.BadParameter(f"must be a positive number of seconds, not {value:g}")
+    return value
+
+
+def _pct(lo: float) -> click.FloatRange:
+    return click.FloatRange(lo, 100.0)
+
+
+def check_control(endpoint: str) -> str:
+    """Allow ipc:// and tcp:// on loopback only (other hosts would need CURVE keys)."""
+    if endpoint.startswith("ipc://"):
+        return endpoint
+    if not endpoint.startswith("tcp://"):
+        raise ConfigError(f"--control {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT")
+    host = endpoint[6:].rpartition(":")[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"--control {endpoint!r}: only loopback addresses are allowed; a remote control "
+            "endpoint would need CURVE authentication, which this version does not offer"
+        )
+    return endpoint
+
+
+@click.command(context_settings={"auto_envvar_prefix": "KEEPGPU", "show_default": True})
+@click.option("--gpus", default="all", help="all, ordinals (0,1) or GPU UUIDs, comma separated")
+@click.option("--vram", default="1GiB", help="VRAM to hold per GPU: 1GiB, 750MB, 20%, bytes")
+@click.option("--mode", type=click.Choice(MODES), default="duty", help="activity kind")
+@click.option("--target-util", type=_pct(1), default=30.0, help="utilization target, percent")
+@click.option("--busy-threshold", type=_pct(-1), default=10.0,
+              help="back off when other processes use more than this percent; -1 never")
+@click.option("--max-temp", type=click.FloatRange(1, 150), default=83.0, help="pause above, °C")
+@click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default="yield")
+@click.option("--heartbeat", type=float, default=1.0, callback=_positive, help="seconds")
+@click.option("--hang-timeout", type=float, default=10.0, callback=_positive, help="seconds")
+@click.option("--start-timeout", type=float, default=120.0, callback=_positive, help="seconds")
+@click.option("--join-timeout", type=float, default=5.0, callback=_positive, help="seconds")
+@click.option("--kill-timeout", type=float, default=5.0, callback=_positive, help="seconds")
+@click.option("--max-restarts", type=click.IntRange(0), default=5)
+@click.option("--restart-window", type=float, default=300.0, callback=_positive, help="seconds")
+@click.option("--restart-delay", type=float, default=1.0, callback=_positive,
+              help="first restart delay, doubling up to 60 s")
+@click.option("--name", default="default", help="supervisor name (socket and lock names)")
+@click.option("--control", default=None, help="explicit control endpoint (tcp on loopback)")
+@click.option("--engine", type=click.Choice(ENGINES), default="auto")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", count=True)
+@click.version_option(__version__, prog_name="keepgpu-supervise")
+def cli(**opts: Any) -> int:
+    """Hold GPUs with one isolated worker process per GPU, until stopped."""
+    if opts["heartbeat"] * 2 > opts["hang_timeout"]:
+        raise click.BadParameter("--hang-timeout must be at least twice --heartbeat")
+    try:
+        vram = parse_vram(opts["vram"])
+    except UnitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--vram") from None
+    worker = WorkerSettings(
+        engine=opts["engine"],
+        vram=vram,
+        mode=opts["mode"],
+        target_util=opts["target_util"],
+        busy_threshold=opts["busy_threshold"],
+        max_temp=opts["max_temp"],
+        on_pressure=opts["on_pressure"],
+        heartbeat_s=opts["heartbeat"],
+    )
+    config = SupervisorConfig(
+        name=opts["name"],
+        gpus=opts["gpus"],
+        worker=worker,
+        hang_timeout_s=opts["hang_timeout"],
+        start_timeout_s=opts["start_timeout"],
+        join_timeout_s=opts["join_timeout"],
+        kill_timeout_s=opts["kill_timeout"],
+        max_restarts=opts["max_restarts"],
+        restart_window_s=opts["restart_window"],
+        restart_delay_s=opts["restart_delay"],
+        restart_delay_max_s=max(60.0, opts["restart_delay"]),
+    )
+    stream = _open_log(opts["log_file"])
+    setup_logging(opts["verbose"] - opts["quiet"], opts["log_format"], stream)
+    return serve(config)
+
+
+def _open_log(path: Path | None) -> Any:
+    if path is None:
+        return sys.stderr
+    try:
+        fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as we do
+    except OSError as exc:
+        fail(EXIT_CONFIG, f"cannot open --log-file {path}: {exc.strerror}")
+    # Workers inherit fd 2: their stack dumps and errors land in the same file.
+    os.dup2(fh.fileno(), 2)
+    return fh
+
+
+def serve(config: SupervisorConfig) -> int:
+    try:
+        paths = paths_for(config.name, ensure_dir(default_runtime_dir()))
+        if config.control:
+            config.control = check_control(config.control)
+        _ = paths.control_endpoint, paths.workers_endpoint  # path length checks
+        visible = visible_devices(config.worker.engine)
+        devices = select(config.gpus, visible)
+    except (RuntimeDirError, ConfigError) as exc:
+        fail(EXIT_CONFIG, str(exc))
+    config.worker.engine = visible.engine
+    lock = InstanceLock(paths)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        fail(1, str(exc))
+    except OSError as exc:
+        fail(EXIT_CONFIG, f"cannot take the lock {paths.lock}: {exc.strerror}")
+    try:
+        sup = Supervisor(config, devices, visible.vendor, paths)
+        try:
+            sup.bind()
+        except Exception as exc:  # zmq.ZMQError and friends: one line, not a traceback
+            fail(EXIT_CONFIG, f"cannot bind {sup.endpoint}: {exc}")
+        sup.install_signals()
+        log.info(
+            "keepgpu %s supervisor %r pid %d: %d GPU(s) [%s], engine %s, control %s",
+            __version__, config.name, os.getpid(), len(devices),
+            ",".join(d.entry for d in devices), visible.engine, sup.endpoint,
+        )
+        return sup.run()
+    finally:
+        lock.release()
+
+
+def main() -> None:
+    run_standalone(cli, "keepgpu-supervise")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["EXIT_USAGE", "main", "serve"]

@@ -1,0 +1,532 @@
+"""The supervisor: one single-threaded ZeroMQ event loop over the workers socket, the control
+socket, the ZAP socket and a self-pipe for signals. Never imports torch or keepgpu.worker."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import zmq
+
+from keepgpu._version import __version__
+from keepgpu.protocol import wire
+from keepgpu.protocol.control import ProtocolError, error_reply, ok_reply, parse_request
+from keepgpu.protocol.runtime import Paths
+from keepgpu.supervisor import procs, zap
+from keepgpu.supervisor.commands import COMMANDS
+from keepgpu.supervisor.config import SupervisorConfig
+from keepgpu.supervisor.devices import Device
+from keepgpu.supervisor.policy import RestartPolicy
+from keepgpu.supervisor.slot import DONE_STATES, LIVE_STATES, Slot, StopOp
+
+log = logging.getLogger("keepgpu.supervisor")
+
+# Hard cap enforced by libzmq (the peer is disconnected); requests between 64 KiB and this get
+# a bad_request reply instead.
+_HARD_MAX_MSG = 1024 * 1024
+_HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_MAX_POLL_S = 5.0
+
+
+@dataclass
+class PendingStop:
+    envelope: list[bytes]
+    req_id: Any
+    gpus: list[int]
+    started: float
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        devices: list[Device],
+        vendor: str,
+        paths: Paths,
+        clock: Callable[[], float] = time.monotonic,
+        worker_stderr: IO[Any] | int | None = None,
+    ) -> None:
+        self.config = config
+        self.vendor = vendor
+        self.paths = paths
+        self.clock = clock
+        self.name = paths.name
+        self.pid = os.getpid()
+        self.uid = os.getuid()
+        self.worker_stderr = worker_stderr
+        self.slots: dict[int, Slot] = {d.gpu: self._new_slot(d) for d in devices}
+        self.shutting_down = False
+        self.pending: list[PendingStop] = []
+        self.started = clock()
+        self.endpoint = config.control or paths.control_endpoint
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sigr = -1
+        self._sigw = -1
+        self._reap_needed = True
+        self.on_ready: Callable[[Supervisor], None] | None = None
+        self._ready_fired = False
+
+    def _new_slot(self, dev: Device) -> Slot:
+        c = self.config
+        policy = RestartPolicy(
+            initial_s=c.restart_delay_s,
+            max_s=c.restart_delay_max_s,
+            healthy_reset_s=c.healthy_reset_s,
+            max_restarts=c.max_restarts,
+            window_s=c.restart_window_s,
+        )
+        return Slot(gpu=dev.gpu, device_entry=dev.entry, uuid=dev.uuid, policy=policy)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Create the sockets. The caller holds the instance lock already."""
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ctx = ctx
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(zap.ZAP_ENDPOINT)
+        self.workers = ctx.socket(zmq.ROUTER)
+        self.control = ctx.socket(zmq.ROUTER)
+        for sock in (self.workers, self.control):
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, _HARD_MAX_MSG)
+            sock.zap_domain = zap.DOMAIN
+        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        old = os.umask(0o177)  # socket files are created 0600
+        try:
+            self.workers.bind(self.paths.workers_endpoint)
+            self.control.bind(self.endpoint)
+        finally:
+            os.umask(old)
+        self.poller = zmq.Poller()
+        for sock in (self.zap, self.workers, self.control):
+            self.poller.register(sock, zmq.POLLIN)
+
+    def install_signals(self) -> None:
+        self._sigr, self._sigw = os.pipe()
+        for fd in (self._sigr, self._sigw):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self._sigw, warn_on_full_buffer=False)
+        for sig in _HANDLED_SIGNALS:
+            signal.signal(sig, _noop_handler)
+        self.poller.register(self._sigr, zmq.POLLIN)
+
+    def run(self) -> int:
+        """Start every worker and serve until released. Returns the process exit code."""
+        try:
+            for slot in self.slots.values():
+                self.start_slot(slot, fresh=True)
+            return self._loop()
+        finally:
+            self._cleanup()
+
+    def _loop(self) -> int:
+        while True:
+            now = self.clock()
+            wait = max(0.0, min(_MAX_POLL_S, self._next_deadline(now) - now))
+            timeout_ms = int(math.ceil(wait * 1000))
+            events = dict(self.poller.poll(timeout_ms))
+            if self._sigr in events:
+                self._drain_signals()
+            if self.zap in events:
+                self._drain(self.zap, self._on_zap)
+            if self.workers in events:
+                self._drain(self.workers, self._on_worker)
+            self._reap()
+            if self.control in events:
+                self._drain(self.control, self._on_control)
+            self._tick(self.clock())
+            code = self._finish_if_done()
+            if code is not None:
+                return code
+
+    def _cleanup(self) -> None:
+        """Whatever happened, leave no worker behind and no socket open."""
+        for slot in self.slots.values():
+            if slot.proc is not None and slot.proc.poll() is None:
+                procs.kill_group(slot.proc.pid)
+        if self._sigw >= 0:
+            signal.set_wakeup_fd(-1)
+            for fd in (self._sigr, self._sigw):
+                os.close(fd)
+            self._sigw = self._sigr = -1
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
+        for _ in range(1000):  # bounded: other sockets and deadlines get their turn
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _drain_signals(self) -> None:
+        try:
+            data = os.read(self._sigr, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                self._reap_needed = True
+            elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                log.info("received %s: releasing every GPU", signal.Signals(signum).name)
+                self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _on_zap(self, frames: list[bytes]) -> None:
+        answer = zap.reply(frames, self.uid)
+        if answer[2] != b"200":
+            log.warning("refused a control peer: %s", frames[3].decode("utf-8", "replace"))
+        self.zap.send_multipart(answer)
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident = wire.parse_identity(frames[0])
+        slot = self.slots.get(ident[0]) if ident else None
+        if ident is None or slot is None or ident[1] != slot.incarnation:
+            log.debug("ignored a message from stale or unknown worker %r", frames[0])
+            return
+        msg = wire.decode(frames[1], wire.WORKER_TYPES)
+        if msg is None:
+            log.warning("gpu=%d: malformed worker message ignored", slot.gpu)
+            return
+        now = self.clock()
+        kind = msg["t"]
+        if kind == "error":
+            slot.error = str(msg.get("message", ""))[:1000]
+            log.error("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
+                      slot.incarnation, slot.error)
+        elif kind == "ready" and slot.state == "starting":
+            slot.ready_at = now
+            slot.last_hb = now
+            self._absorb(slot, msg)
+            slot.error = None
+            self._set_state(slot, "holding", None)
+            self._maybe_ready()
+        elif kind == "hb" and slot.state in LIVE_STATES:
+            progress = msg.get("progress")
+            if isinstance(progress, int) and progress != slot.hb_progress:
+                slot.hb_progress = progress
+                slot.last_hb = now
+            self._absorb(slot, msg)
+            state = msg.get("state")
+            if state in LIVE_STATES:
+                reason = msg.get("reason")
+                self._set_state(slot, state, reason if isinstance(reason, str) else None)
+
+    def _absorb(self, slot: Slot, msg: dict[str, Any]) -> None:
+        telemetry = msg.get("telemetry")
+        if isinstance(telemetry, dict):
+            slot.telemetry = telemetry
+            if isinstance(telemetry.get("uuid"), str):
+                slot.uuid = telemetry["uuid"]
+            if isinstance(telemetry.get("name"), str):
+                slot.name = telemetry["name"]
+        for key in ("uuid", "name"):
+            if isinstance(msg.get(key), str):
+                setattr(slot, key, msg[key])
+        held = msg.get("held_bytes")
+        if isinstance(held, int):
+            slot.held_bytes = held
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or len(frames) > 4:
+            return  # not a REQ/DEALER envelope we can answer
+        envelope, payload = frames[:-1], frames[-1]
+        req_id = None
+        try:
+            req = parse_request(payload)
+            req_id = req.id
+            result = COMMANDS[req.cmd](self, req, envelope)
+        except ProtocolError as exc:
+            rid = getattr(exc, "request_id", req_id)
+            self._reply(envelope, error_reply(rid, exc.code, exc.message))
+            return
+        except Exception as exc:  # noqa: BLE001 - client input must never kill the supervisor
+            log.exception("control command failed")
+            self._reply(envelope, error_reply(req_id, "internal", f"{type(exc).__name__}: {exc}"))
+            return
+        if result is not None:
+            self._reply(envelope, ok_reply(req_id, result))
+
+    def _reply(self, envelope: list[bytes], payload: bytes) -> None:
+        try:
+            self.control.send_multipart([*envelope, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("control reply dropped: %s", exc)
+
+    # ---- slot transitions ------------------------------------------------------------------
+
+    def _set_state(self, slot: Slot, state: str, reason: str | None) -> None:
+        if slot.state == state and slot.reason == reason:
+            return
+        slot.state, slot.reason = state, reason
+        log.info(
+            "gpu=%d pid=%s inc=%d state=%s reason=%s",
+            slot.gpu, slot.pid, slot.incarnation, state, reason or "-",
+        )
+
+    def _settings_for(self, slot: Slot) -> dict[str, Any]:
+        settings = self.config.worker.to_wire()
+        settings.update(slot.overrides)
+        settings["device_entry"] = slot.device_entry
+        if slot.paused_until is not None:
+            left = slot.paused_until - self.clock()
+            if left > 0:
+                settings["paused_s"] = None if math.isinf(left) else left
+        return settings
+
+    def start_slot(self, slot: Slot, fresh: bool = False) -> None:
+        """Spawn a new incarnation of the slot's worker (from the main thread only)."""
+        if fresh:
+            slot.policy.reset()
+        slot.incarnation += 1
+        slot.clear_runtime()
+        slot.stop = None
+        slot.restart_at = None
+        slot.unkillable_pid = None
+        env = procs.worker_env(os.environ, self.vendor, slot.device_entry)
+        slot.spawned_at = self.clock()
+        try:
+            slot.proc = procs.spawn_worker(
+                gpu=slot.gpu,
+                incarnation=slot.incarnation,
+                endpoint=self.paths.workers_endpoint,
+                settings=self._settings_for(slot),
+                env=env,
+                stderr=self.worker_stderr,
+            )
+        except OSError as exc:
+            slot.proc = None
+            slot.error = f"cannot start worker: {exc}"
+            self._set_state(slot, "fatal", "spawn-failed")
+            return
+        self._set_state(slot, "starting", None)
+
+    def send_to_worker(self, slot: Slot, kind: str, **fields: Any) -> bool:
+        try:
+            self.workers.send_multipart(
+                [wire.identity(slot.gpu, slot.incarnation), wire.encode(kind, **fields)],
+                zmq.NOBLOCK,
+            )
+            return True
+        except zmq.ZMQError:
+            return False  # not connected yet (starting) or already gone
+
+    def request_stop(
+        self, slots: list[Slot], full: bool, envelope: list[bytes] | None, req_id: Any
+    ) -> None:
+        now = self.clock()
+        if full:
+            self.shutting_down = True
+        for slot in slots:
+            self._begin_stop(slot, "stopped", now)
+        if envelope is not None:
+            self.pending.append(PendingStop(envelope, req_id, [s.gpu for s in slots], now))
+
+    def _begin_stop(self, slot: Slot, then: str, now: float) -> None:
+        if slot.state == "stopping":
+            if slot.stop is not None and then == "stopped":
+                slot.stop.then = "stopped"
+            return
+        if slot.proc is None:
+            if slot.state == "restarting":
+                slot.restart_at = None
+                self._set_state(slot, "stopped", None)
+            slot.stop = StopOp(now, then, now, outcome="released", finished=now)
+            return
+        self.send_to_worker(slot, "stop")
+        procs.signal_pid(slot.proc.pid, signal.SIGTERM)
+        slot.stop = StopOp(started=now, then=then, join_deadline=now + self.config.join_timeout_s)
+        self._set_state(slot, "stopping", "hang" if then == "restart" else None)
+
+    def _reap(self) -> None:
+        if not self._reap_needed:
+            return
+        self._reap_needed = False
+        for slot in self.slots.values():
+            if slot.proc is not None:
+                code = slot.proc.poll()
+                if code is not None:
+                    self._on_exit(slot, code)
+
+    def _on_exit(self, slot: Slot, code: int) -> None:
+        now = self.clock()
+        pid = slot.proc.pid if slot.proc else None
+        slot.proc = None
+        slot.last_exit = procs.describe_exit(code)
+        up_for = now - slot.ready_at if slot.ready_at is not None else 0.0
+        log.info("gpu=%d pid=%s inc=%d exited %s", slot.gpu, pid, slot.incarnation, slot.last_exit)
+        slot.clear_runtime()
+        op = slot.stop
+        if slot.state == "unkillable":
+            slot.unkillable_pid = None
+            self._set_state(slot, "stopped", None)
+            return
+        if op is not None and op.finished is None:
+            op.outcome = op.outcome or "released"
+            op.finished = now
+            if op.then == "stopped":
+                self._set_state(slot, "stopped", None)
+                return
+            self._schedule_restart(slot, now, up_for)
+            return
+        if code == 78:
+            slot.error = slot.error or "worker exited 78 (configuration error)"
+            self._set_state(slot, "fatal", "config")
+            return
+        if slot.state == "starting" and slot.error is None:
+            slot.error = f"worker exited {slot.last_exit} before READY"
+        self._schedule_restart(slot, now, up_for)
+
+    def _schedule_restart(self, slot: Slot, now: float, up_for: float) -> None:
+        if self.shutting_down:
+            self._set_state(slot, "stopped", None)
+            return
+        delay = slot.policy.on_crash(now, up_for)
+        if delay is None:
+            slot.error = (
+                f"gave up after {self.config.max_restarts} restarts within "
+                f"{self.config.restart_window_s:g}s; last exit {slot.last_exit}"
+            )
+            self._set_state(slot, "fatal", "restart-limit")
+            return
+        slot.restarts += 1
+        slot.restart_at = now + delay
+        log.info("gpu=%d restart %d in %.2fs", slot.gpu, slot.restarts, delay)
+        self._set_state(slot, "restarting", None)
+
+    # ---- deadlines -------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        for slot in self.slots.values():
+            if slot.state == "restarting" and slot.restart_at is not None and now >= slot.restart_at:
+                self.start_slot(slot)
+            elif slot.state == "starting" and now - slot.spawned_at >= self.config.start_timeout_s:
+                slot.error = f"no READY within {self.config.start_timeout_s:g}s"
+                self._hung(slot, now)
+            elif slot.state in LIVE_STATES and slot.last_hb is not None:
+                if now - slot.last_hb >= self.config.hang_timeout_s:
+                    slot.error = f"no heartbeat for {now - slot.last_hb:.1f}s"
+                    self._hung(slot, now)
+            elif slot.state == "stopping" and slot.stop is not None:
+                self._escalate(slot, slot.stop, now)
+        # A worker that exited between SIGCHLD polls is caught here at the latest.
+        self._reap_needed = True
+        self._reap()
+
+    def _hung(self, slot: Slot, now: float) -> None:
+        log.warning("gpu=%d pid=%s inc=%d %s: dumping its stack and replacing it",
+                    slot.gpu, slot.pid, slot.incarnation, slot.error)
+        if slot.proc is not None:
+            procs.signal_pid(slot.proc.pid, signal.SIGUSR1)
+        self._begin_stop(slot, "restart", now)
+
+    def _escalate(self, slot: Slot, op: StopOp, now: float) -> None:
+        if slot.proc is None or op.finished is not None:
+            return
+        if op.kill_deadline is None and now >= op.join_deadline:
+            log.warning("gpu=%d pid=%d did not exit within the join timeout: SIGKILL",
+                        slot.gpu, slot.proc.pid)
+            procs.kill_group(slot.proc.pid)
+            op.kill_deadline = now + self.config.kill_timeout_s
+            op.outcome = "killed"
+        elif op.kill_deadline is not None and now >= op.kill_deadline:
+            pid = slot.proc.pid
+            state = procs.proc_state(pid)
+            slot.error = f"pid {pid} survived SIGKILL for {self.config.kill_timeout_s:g}s " \
+                f"(/proc state {state or 'unknown'})"
+            op.outcome = "unkillable"
+            op.finished = now
+            slot.unkillable_pid = pid
+            self._set_state(slot, "unkillable", state)
+
+    def _next_deadline(self, now: float) -> float:
+        c = self.config
+        best = now + _MAX_POLL_S
+        for slot in self.slots.values():
+            if slot.state == "restarting" and slot.restart_at is not None:
+                best = min(best, slot.restart_at)
+            elif slot.state == "starting":
+                best = min(best, slot.spawned_at + c.start_timeout_s)
+            elif slot.state in LIVE_STATES and slot.last_hb is not None:
+                best = min(best, slot.last_hb + c.hang_timeout_s)
+            elif slot.state == "stopping" and slot.stop is not None:
+                op = slot.stop
+                best = min(best, op.kill_deadline if op.kill_deadline else op.join_deadline)
+                best = min(best, now + 0.05)  # exits are also seen via SIGCHLD; poll soon anyway
+        return best
+
+    def _maybe_ready(self) -> None:
+        if self._ready_fired or self.on_ready is None:
+            return
+        if all(s.state in LIVE_STATES or s.state in DONE_STATES for s in self.slots.values()):
+            self._ready_fired = True
+            self.on_ready(self)
+
+    # ---- completion ------------------------------------------------------------------------
+
+    def _finish_if_done(self) -> int | None:
+        now = self.clock()
+        still: list[PendingStop] = []
+        for pend in self.pending:
+            slots = [self.slots[g] for g in pend.gpus]
+            if any(s.state == "stopping" for s in slots):
+                still.append(pend)
+                continue
+            self._reply(pend.envelope, ok_reply(pend.req_id, self._stop_result(slots, pend)))
+        self.pending = still
+        states = [s.state for s in self.slots.values()]
+        if self.shutting_down and all(s in DONE_STATES for s in states) and not self.pending:
+            outcomes = [s.stop.outcome if s.stop else "released" for s in self.slots.values()]
+            clean = all(o == "released" for o in outcomes)
+            log.info("released every GPU in %.2fs", now - min(
+                (s.stop.started for s in self.slots.values() if s.stop), default=now))
+            return 0 if clean else 1
+        if states and all(s == "fatal" for s in states) and not self.pending:
+            log.error("every GPU is fatal; exiting")
+            return 4
+        if not self._ready_fired:
+            self._maybe_ready()
+        return None
+
+    def _stop_result(self, slots: list[Slot], pend: PendingStop) -> dict[str, Any]:
+        gpus = []
+        for s in slots:
+            op = s.stop
+            seconds = (op.finished or pend.started) - max(op.started, pend.started) if op else 0.0
+            gpus.append({
+                "gpu": s.gpu,
+                "outcome": op.outcome if op and op.outcome else "released",
+                "seconds": round(max(0.0, seconds), 3),
+                "pid": s.unkillable_pid,
+                "error": s.error if s.state == "unkillable" else None,
+            })
+        return {"gpus": gpus, "exiting": self.shutting_down}
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "name": self.name,
+            "version": __version__,
+            "state": "stopping" if self.shutting_down else "running",
+            "uptime_s": round(now - self.started, 3),
+            "endpoint": self.endpoint,
+            "config": self.config.public(),
+        }
+
+
+def _noop_handler(signum: int, frame: object) -> None:
+    """The C-level handler writes `signum` to the wakeup fd; the loop does the work."""

@@ -1,0 +1,102 @@
+"""Per-GPU slot: the state of one worker as the supervisor sees it.
+
+States: starting -> holding <-> backoff -> stopping -> stopped, plus restarting (waiting out a
+restart delay) and the terminal fatal / unkillable. The event loop drives transitions; this
+module keeps the record and renders it for `status`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepgpu.supervisor.policy import RestartPolicy
+
+RUNNING_STATES = ("starting", "holding", "backoff", "stopping")
+LIVE_STATES = ("holding", "backoff")
+DONE_STATES = ("stopped", "fatal", "unkillable")
+
+TELEMETRY_FIELDS = (
+    "util_pct",
+    "own_util_pct",
+    "mem_used_bytes",
+    "mem_total_bytes",
+    "temp_c",
+    "power_w",
+    "pstate",
+    "duty_pct",
+)
+
+
+@dataclass
+class StopOp:
+    """An in-flight stop of one slot. `then` = what follows: 'stopped' or 'restart'."""
+
+    started: float
+    then: str
+    join_deadline: float
+    kill_deadline: float | None = None
+    outcome: str | None = None  # released | killed | unkillable
+    finished: float | None = None
+
+
+@dataclass
+class Slot:
+    gpu: int
+    device_entry: str
+    uuid: str | None
+    policy: RestartPolicy
+    state: str = "stopped"
+    reason: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    incarnation: int = 0
+    restarts: int = 0
+    spawned_at: float = 0.0
+    ready_at: float | None = None
+    last_hb: float | None = None
+    hb_progress: int | None = None
+    restart_at: float | None = None
+    last_exit: dict[str, Any] | None = None
+    error: str | None = None
+    stop: StopOp | None = None
+    name: str | None = None
+    held_bytes: int | None = None
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    paused_until: float | None = None  # monotonic; inf = until resume
+    unkillable_pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else self.unkillable_pid
+
+    def clear_runtime(self) -> None:
+        """Forget what the last incarnation reported (its telemetry is stale once it is gone)."""
+        self.ready_at = None
+        self.last_hb = None
+        self.hb_progress = None
+        self.held_bytes = None
+        self.telemetry = {}
+
+    def status(self, now: float) -> dict[str, Any]:
+        """One entry of the `status` result's `gpus` list (docs/protocol.md)."""
+        hb_age = None if self.last_hb is None else round(now - self.last_hb, 3)
+        out: dict[str, Any] = {
+            "gpu": self.gpu,
+            "device_entry": self.device_entry,
+            "uuid": self.uuid,
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "pid": self.pid,
+            "incarnation": self.incarnation,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "heartbeat_age_s": hb_age,
+            "held_bytes": self.held_bytes,
+        }
+        for key in TELEMETRY_FIELDS:
+            out[key] = self.telemetry.get(key)
+        out["error"] = self.error
+        return out

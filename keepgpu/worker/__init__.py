@@ -1,0 +1,1 @@
+"""Worker side: `python -m keepgpu.worker`. Only keepgpu.worker.engines.torch_engine imports torch."""
