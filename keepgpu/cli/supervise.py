@@ -16,12 +16,19 @@ from typing import Any
 import click
 
 from keepgpu._version import __version__
-from keepgpu.cli.common import EXIT_CONFIG, EXIT_USAGE, fail, run_standalone, setup_logging
+from keepgpu.cli.common import EXIT_CONFIG, EXIT_USAGE, Exit, fail, run_standalone, setup_logging
+from keepgpu.cli.detach import Reporter, daemonize, wait_for_daemon
 from keepgpu.protocol.control import MODES
-from keepgpu.protocol.runtime import RuntimeDirError, default_runtime_dir, ensure_dir, paths_for
+from keepgpu.protocol.runtime import (
+    Paths,
+    RuntimeDirError,
+    default_runtime_dir,
+    ensure_dir,
+    paths_for,
+)
 from keepgpu.protocol.units import UnitError, parse_vram
 from keepgpu.supervisor.config import ENGINES, SupervisorConfig, WorkerSettings
-from keepgpu.supervisor.devices import ConfigError, select, visible_devices
+from keepgpu.supervisor.devices import ConfigError, Device, Visible, select, visible_devices
 from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
 from keepgpu.supervisor.loop import Supervisor
 
@@ -78,6 +85,7 @@ def check_control(endpoint: str) -> str:
 @click.option("--name", default="default", help="supervisor name (socket and lock names)")
 @click.option("--control", default=None, help="explicit control endpoint (tcp on loopback)")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto")
+@click.option("--detach", is_flag=True, help="run in the background; return once GPUs hold")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("-v", "--verbose", count=True)
@@ -114,9 +122,8 @@ def cli(**opts: Any) -> int:
         restart_delay_s=opts["restart_delay"],
         restart_delay_max_s=max(60.0, opts["restart_delay"]),
     )
-    stream = _open_log(opts["log_file"])
-    setup_logging(opts["verbose"] - opts["quiet"], opts["log_format"], stream)
-    return serve(config)
+    logging_opts = (opts["verbose"] - opts["quiet"], opts["log_format"], opts["log_file"])
+    return serve(config, opts["detach"], *logging_opts)
 
 
 def _open_log(path: Path | None) -> Any:
@@ -131,7 +138,8 @@ def _open_log(path: Path | None) -> Any:
     return fh
 
 
-def serve(config: SupervisorConfig) -> int:
+def _prepare(config: SupervisorConfig) -> tuple[Paths, list[Device], Visible]:
+    """Everything that can be wrong with the configuration, found before anything starts."""
     try:
         paths = paths_for(config.name, ensure_dir(default_runtime_dir()))
         if config.control:
@@ -142,6 +150,37 @@ def serve(config: SupervisorConfig) -> int:
     except (RuntimeDirError, ConfigError) as exc:
         fail(EXIT_CONFIG, str(exc))
     config.worker.engine = visible.engine
+    return paths, devices, visible
+
+
+def serve(
+    config: SupervisorConfig,
+    detach: bool = False,
+    verbosity: int = 0,
+    log_format: str = "text",
+    log_file: Path | None = None,
+) -> int:
+    paths, devices, visible = _prepare(config)
+    if detach:
+        log_path = log_file or paths.logfile
+        read_fd = daemonize(log_path)
+        if read_fd is not None:  # the starting shell
+            wait_s = config.start_timeout_s + config.join_timeout_s + config.kill_timeout_s + 10
+            code, line = wait_for_daemon(read_fd, wait_s, log_path)
+            click.echo(line)
+            return code
+        stream: Any = sys.stderr
+    else:
+        stream = _open_log(log_file)
+    setup_logging(verbosity, log_format, stream)
+    try:
+        return _run(config, paths, devices, visible)
+    except Exit as exc:
+        Reporter.report({"error": exc.message, "code": exc.code})
+        raise
+
+
+def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible: Visible) -> int:
     lock = InstanceLock(paths)
     try:
         lock.acquire()
@@ -156,6 +195,7 @@ def serve(config: SupervisorConfig) -> int:
         except Exception as exc:  # zmq.ZMQError and friends: one line, not a traceback
             fail(EXIT_CONFIG, f"cannot bind {sup.endpoint}: {exc}")
         sup.install_signals()
+        sup.on_ready = _report_ready
         log.info(
             "keepgpu %s supervisor %r pid %d: %d GPU(s) [%s], engine %s, control %s",
             __version__, config.name, os.getpid(), len(devices),
@@ -164,6 +204,11 @@ def serve(config: SupervisorConfig) -> int:
         return sup.run()
     finally:
         lock.release()
+
+
+def _report_ready(sup: Supervisor) -> None:
+    states = [s.state for s in sup.slots.values()]
+    Reporter.report({"name": sup.name, "pid": sup.pid, "endpoint": sup.endpoint, "states": states})
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from keepgpu.supervisor import procs, zap
 from keepgpu.supervisor.commands import COMMANDS
 from keepgpu.supervisor.config import SupervisorConfig
 from keepgpu.supervisor.devices import Device
+from keepgpu.supervisor.notify import Notifier
 from keepgpu.supervisor.policy import RestartPolicy
 from keepgpu.supervisor.slot import DONE_STATES, LIVE_STATES, Slot, StopOp
 
@@ -71,6 +72,8 @@ class Supervisor:
         self._reap_needed = True
         self.on_ready: Callable[[Supervisor], None] | None = None
         self._ready_fired = False
+        self.notifier = Notifier()
+        self._next_watchdog = clock()
 
     def _new_slot(self, dev: Device) -> Slot:
         c = self.config
@@ -144,9 +147,18 @@ class Supervisor:
             if self.control in events:
                 self._drain(self.control, self._on_control)
             self._tick(self.clock())
+            self._watchdog()
             code = self._finish_if_done()
             if code is not None:
                 return code
+
+    def _watchdog(self) -> None:
+        if self.notifier.watchdog_s is None:
+            return
+        now = self.clock()
+        if now >= self._next_watchdog:
+            self.notifier.send("WATCHDOG=1")
+            self._next_watchdog = now + self.notifier.watchdog_s
 
     def _cleanup(self) -> None:
         """Whatever happened, leave no worker behind and no socket open."""
@@ -329,8 +341,9 @@ class Supervisor:
         self, slots: list[Slot], full: bool, envelope: list[bytes] | None, req_id: Any
     ) -> None:
         now = self.clock()
-        if full:
+        if full and not self.shutting_down:
             self.shutting_down = True
+            self.notifier.send("STOPPING=1")
         for slot in slots:
             self._begin_stop(slot, "stopped", now)
         if envelope is not None:
@@ -456,6 +469,8 @@ class Supervisor:
     def _next_deadline(self, now: float) -> float:
         c = self.config
         best = now + _MAX_POLL_S
+        if self.notifier.watchdog_s is not None:
+            best = min(best, self._next_watchdog)
         for slot in self.slots.values():
             if slot.state == "restarting" and slot.restart_at is not None:
                 best = min(best, slot.restart_at)
@@ -470,11 +485,15 @@ class Supervisor:
         return best
 
     def _maybe_ready(self) -> None:
-        if self._ready_fired or self.on_ready is None:
+        """Once every GPU holds or has failed: --detach's parent is told, and systemd."""
+        if self._ready_fired:
             return
         if all(s.state in LIVE_STATES or s.state in DONE_STATES for s in self.slots.values()):
             self._ready_fired = True
-            self.on_ready(self)
+            holding = sum(s.state in LIVE_STATES for s in self.slots.values())
+            self.notifier.send(f"READY=1\nSTATUS={holding}/{len(self.slots)} GPUs holding")
+            if self.on_ready is not None:
+                self.on_ready(self)
 
     # ---- completion ------------------------------------------------------------------------
 

@@ -83,8 +83,10 @@ def _parse_value(name: str, key: str, text: str) -> float:
         else:
             value = float(text)
     except (UnitError, ValueError):
-        raise ValueError(f"fake scenario {name!r}: {key}={text!r} is not {what}") from None
-    if math.isnan(value) or value < 0:
+        value = math.nan
+    if math.isnan(value):
+        raise ValueError(f"fake scenario {name!r}: {key}={text!r} is not {what}")
+    if value < 0:
         raise ValueError(f"fake scenario {name!r}: {key}={text!r} must not be negative")
     problem = None
     if key == "for" and value == 0:
