@@ -72,8 +72,11 @@ class StubAmdGpu:
 
 
 def proc(pid: int, gfx_ns: int, vram: int = 1024 * MiB) -> dict[str, Any]:
-    return {"name": "python", "pid": pid, "mem": vram + 5, "engine_usage": {"gfx": gfx_ns, "enc": 0},
-            "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram}, "cu_occupancy": "N/A"}
+    """One amdsmi 7 process entry: cumulative GFX engine time (ns) and VRAM (bytes)."""
+    return {"name": "python", "pid": pid, "mem": vram + 5,
+            "engine_usage": {"gfx": gfx_ns, "enc": 0},
+            "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram},
+            "cu_occupancy": "N/A"}
 
 
 class StubAmdSmi:
@@ -133,8 +136,7 @@ class StubAmdSmi:
         gpu = self._dev("amdsmi_get_gpu_vram_usage", h)
         return {"vram_total": gpu.vram_total_mib, "vram_used": gpu.vram_used_mib}
 
-    def amdsmi_get_temp_metric(self, h: StubAmdGpu, sensor: AmdSmiTemperatureType,
-                               metric: AmdSmiTemperatureMetric) -> int:
+    def amdsmi_get_temp_metric(self, h: StubAmdGpu, sensor: int, metric: int) -> int:
         assert metric is AmdSmiTemperatureMetric.CURRENT
         gpu = self._dev("amdsmi_get_temp_metric", h)
         if sensor not in gpu.temps:
@@ -144,7 +146,7 @@ class StubAmdSmi:
     def amdsmi_get_power_info(self, h: StubAmdGpu) -> dict[str, Any]:
         return dict(self._dev("amdsmi_get_power_info", h).power)
 
-    def amdsmi_get_clock_info(self, h: StubAmdGpu, kind: AmdSmiClkType) -> dict[str, Any]:
+    def amdsmi_get_clock_info(self, h: StubAmdGpu, kind: int) -> dict[str, Any]:
         assert kind is AmdSmiClkType.GFX
         return {"clk": self._dev("amdsmi_get_clock_info", h).clock_mhz, "min_clk": 500}
 

@@ -389,8 +389,9 @@ def test_init_is_reference_counted(install: Any) -> None:
 
 
 def test_list_devices_skips_unreadable_device(install: Any) -> None:
+    no_permission = {"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION}
     install(StubGpu(UUID, name="A100"),
-            StubGpu("GPU-bad", fail={"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION}),
+            StubGpu("GPU-bad", fail=no_permission),
             StubGpu("GPU-three", mem_total=24 * GiB, fail={"nvmlDeviceGetName": NOT_SUPPORTED}))
     devices = list_devices("nvidia")
     assert [(d.index, d.uuid, d.name, d.mem_total_bytes) for d in devices] == [
