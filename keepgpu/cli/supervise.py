@@ -112,6 +112,7 @@ def cli(**opts: Any) -> int:
     config = SupervisorConfig(
         name=opts["name"],
         gpus=opts["gpus"],
+        control=opts["control"],
         worker=worker,
         hang_timeout_s=opts["hang_timeout"],
         start_timeout_s=opts["start_timeout"],
@@ -201,7 +202,9 @@ def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible:
             __version__, config.name, os.getpid(), len(devices),
             ",".join(d.entry for d in devices), visible.engine, sup.endpoint,
         )
-        return sup.run()
+        code = sup.run()
+        Reporter.report({"error": f"the supervisor ended during start (exit {code})", "code": code})
+        return code
     finally:
         lock.release()
 

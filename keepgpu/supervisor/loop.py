@@ -499,6 +499,7 @@ class Supervisor:
 
     def _finish_if_done(self) -> int | None:
         now = self.clock()
+        self._maybe_ready()
         still: list[PendingStop] = []
         for pend in self.pending:
             slots = [self.slots[g] for g in pend.gpus]
@@ -517,8 +518,6 @@ class Supervisor:
         if states and all(s == "fatal" for s in states) and not self.pending:
             log.error("every GPU is fatal; exiting")
             return 4
-        if not self._ready_fired:
-            self._maybe_ready()
         return None
 
     def _stop_result(self, slots: list[Slot], pend: PendingStop) -> dict[str, Any]:

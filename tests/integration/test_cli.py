@@ -1,0 +1,124 @@
+"""CLI input errors: one clear line on stderr, the design's exit code, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import CTL, SUPERVISE
+
+
+def run(cmd, env, timeout=30):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--gpus", ""], 78, "empty"),
+        (["--gpus", "0,,1"], 78, "empty entry"),
+        (["--gpus", "0,0"], 78, "twice"),
+        (["--gpus", "7"], 78, "no GPU 7"),
+        (["--gpus", "GPU-nope"], 78, "unknown GPU id"),
+        (["--vram", "0"], 2, "at least 1 byte"),
+        (["--vram", "10XB"], 2, "unknown size unit"),
+        (["--vram", "150%"], 2, "percent"),
+        (["--vram", "lots"], 2, "not a size"),
+        (["--join-timeout", "-1"], 2, "positive"),
+        (["--kill-timeout", "0"], 2, "positive"),
+        (["--hang-timeout", "abc"], 2, "hang-timeout"),
+        (["--heartbeat", "5", "--hang-timeout", "6"], 2, "twice --heartbeat"),
+        (["--engine", "tpu"], 2, "engine"),
+        (["--name", "../evil"], 78, "invalid name"),
+        (["--name", "x" * 60 + "y"], 78, "107-byte"),
+        (["--control", "tcp://10.1.2.3:5555"], 78, "loopback"),
+        (["--control", "udp://127.0.0.1:1"], 78, "ipc://"),
+        (["--no-such-flag"], 2, "no-such-flag"),
+    ],
+)
+def test_supervise_bad_input(base_env, runtime_dir, args, code, words):
+    env = dict(base_env)
+    if "107-byte" in words:
+        env["KEEPGPU_RUNTIME_DIR"] = str(runtime_dir / ("d" * 40))
+    out = run([*SUPERVISE, *args], env)
+    assert out.returncode == code, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert words in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_unusable_runtime_dir_is_a_config_error(base_env, runtime_dir):
+    bad = runtime_dir / "open"
+    bad.mkdir(mode=0o777)
+    bad.chmod(0o777)
+    out = run([*SUPERVISE], {**base_env, "KEEPGPU_RUNTIME_DIR": str(bad)})
+    assert out.returncode == 78 and "must be 700" in out.stderr
+    link = runtime_dir / "link"
+    link.symlink_to(runtime_dir)
+    out = run([*SUPERVISE], {**base_env, "KEEPGPU_RUNTIME_DIR": str(link)})
+    assert out.returncode == 78 and "symlink" in out.stderr
+
+
+def test_auto_engine_without_a_gpu_names_the_alternatives(base_env):
+    env = {**base_env, "KEEPGPU_ENGINE": "auto"}
+    out = run([*SUPERVISE], env)
+    assert out.returncode == 78
+    assert "--engine cpu" in out.stderr and "--engine fake" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_options_come_from_the_environment(base_env):
+    out = run([*SUPERVISE], {**base_env, "KEEPGPU_GPUS": "0,0"})
+    assert out.returncode == 78 and "twice" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["status", "--gpus", "0,,1"], 2),
+        (["pause", "--seconds", "-5"], 2),
+        (["set"], 2),
+        (["set", "--vram", "10XB"], 2),
+        (["--timeout", "-1", "ping"], 2),
+        (["frobnicate"], 2),
+        (["--name", "../x", "ping"], 78),
+    ],
+)
+def test_ctl_bad_input(base_env, args, code):
+    out = run([*CTL, *args], base_env)
+    assert out.returncode == code, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_detach_returns_once_holding_and_reports(base_env, runtime_dir):
+    out = run([*SUPERVISE, "--name", "bg", "--gpus", "0,1", "--detach"], base_env)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert "2/2 GPU(s) holding" in out.stdout
+        status = run([*CTL, "--name", "bg", "status", "--json"], base_env)
+        assert status.returncode == 0
+        assert '"holding"' in status.stdout
+        assert (runtime_dir / "bg.log").exists()
+    finally:
+        stop = run([*CTL, "--name", "bg", "stop"], base_env)
+    assert stop.returncode == 0 and "supervisor exiting" in stop.stdout
+
+
+def test_detach_reports_all_fatal_with_exit_4(base_env):
+    env = {**base_env, "KEEPGPU_FAKE_EXIT_CONFIG": "1"}
+    out = run([*SUPERVISE, "--name", "bgf", "--gpus", "0", "--detach"], env)
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "0/1 GPU(s) holding" in out.stdout
+
+
+def test_detach_second_instance_is_refused(base_env):
+    first = run([*SUPERVISE, "--name", "bg2", "--gpus", "0", "--detach"], base_env)
+    try:
+        assert first.returncode == 0
+        second = run([*SUPERVISE, "--name", "bg2", "--gpus", "0", "--detach"], base_env)
+        assert second.returncode == 1 and "already running" in second.stderr
+    finally:
+        run([*CTL, "--name", "bg2", "stop"], base_env)
