@@ -1,5 +1,21 @@
 """keepgpu: keep shared GPUs held while their owner is not computing on them."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from keepgpu._version import __version__
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from keepgpu.context import hold
+
+__all__ = ["__version__", "hold"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing keepgpu must not pull in pyzmq or subprocess machinery.
+    if name == "hold":
+        from keepgpu.context import hold
+
+        return hold
+    raise AttributeError(name)

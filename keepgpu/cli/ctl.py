@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import click
+import psutil
 
 from keepgpu._version import __version__
 from keepgpu.cli.common import (
@@ -45,6 +46,19 @@ class Ctx:
 
     def show(self, result: dict[str, Any], text: str) -> None:
         click.echo(json.dumps(result, indent=2) if self.as_json else text)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _gpus(value: str | None) -> list[int | str] | None:
@@ -112,9 +126,12 @@ def stop(obj: Ctx, gpus: str | None, as_json: bool) -> int:
     """Release GPUs (all, and end the supervisor, when --gpus is not given). Returns once the
     workers are gone; exit 1 when any was killed or is unkillable."""
     obj.as_json = as_json
-    cfg = obj.call("status").get("supervisor", {}).get("config", {})
+    sup = obj.call("status").get("supervisor", {})
+    cfg = sup.get("config", {})
     bound = float(cfg.get("join_timeout_s", 5)) + float(cfg.get("kill_timeout_s", 5))
     result = obj.call("stop", _args(gpus=_gpus(gpus)), wait=bound + obj.timeout)
+    if result.get("exiting") and isinstance(sup.get("pid"), int):
+        result["supervisor_exited"] = _wait_gone(sup["pid"], obj.timeout)
     obj.show(result, render_stop(result))
     clean = all(g.get("outcome") == "released" for g in result.get("gpus", []))
     return 0 if clean else EXIT_FAILED

@@ -69,5 +69,6 @@ def render_stop(result: dict[str, Any]) -> str:
             line += f" ({g['error']})"
         lines.append(line)
     if result.get("exiting"):
-        lines.append("supervisor exiting")
+        gone = result.get("supervisor_exited")
+        lines.append("supervisor exited" if gone else "supervisor exiting")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def test_detach_returns_once_holding_and_reports(base_env, runtime_dir):
         assert (runtime_dir / "bg.log").exists()
     finally:
         stop = run([*CTL, "--name", "bg", "stop"], base_env)
-    assert stop.returncode == 0 and "supervisor exiting" in stop.stdout
+    assert stop.returncode == 0 and "supervisor exited" in stop.stdout
 
 
 def test_detach_reports_all_fatal_with_exit_4(base_env):
