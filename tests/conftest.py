@@ -92,7 +92,9 @@ class Sup:
     def gpus(self) -> list[dict[str, Any]]:
         return list(self.status()["gpus"])
 
-    def wait_states(self, want: dict[int, str] | str, timeout: float = 15.0) -> list[dict[str, Any]]:
+    def wait_states(
+        self, want: dict[int, str] | str, timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
         def check() -> list[dict[str, Any]] | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited {self.proc.returncode}:\n{self.log()}")

@@ -193,7 +193,7 @@ def _applied(verb: str, result: dict[str, Any]) -> str:
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=None)
 @json_option
 @click.pass_obj
-def set_(obj: Ctx, gpus: str | None, as_json: bool, **changes: Any) -> int:
+def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
     """Change settings of running workers without restarting them."""
     obj.as_json = as_json
     args = _args(**changes)

@@ -57,7 +57,8 @@ def render_status(result: dict[str, Any]) -> str:
             g.get("uuid") or "-",
         ])
         if g.get("error"):
-            notes.append(f"gpu {g.get('gpu')}: {g['error']} (last exit: {_exit(g.get('last_exit'))})")
+            last = _exit(g.get("last_exit"))
+            notes.append(f"gpu {g.get('gpu')}: {g['error']} (last exit: {last})")
     return "\n".join([head, _table(rows), *notes])
 
 

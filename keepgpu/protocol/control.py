@@ -53,7 +53,7 @@ def _gpus(value: Any) -> list[GpuRef]:
     out: list[GpuRef] = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int | str):
-            raise ProtocolError("invalid_argument", f"gpu id must be an integer or a string: {item!r}")
+            raise ProtocolError("invalid_argument", f"gpu id must be int or string: {item!r}")
         if isinstance(item, int) and item < 0:
             raise ProtocolError("invalid_argument", f"gpu id must not be negative: {item}")
         if isinstance(item, str) and not (0 < len(item) <= 128):
@@ -129,7 +129,9 @@ COMMANDS = tuple(SCHEMA)
 def parse_request(frame: bytes) -> Request:
     """Decode and validate one request frame. Raises ProtocolError (id lost when undecodable)."""
     if len(frame) > MAX_REQUEST_BYTES:
-        raise ProtocolError("bad_request", f"request is {len(frame)} bytes; limit {MAX_REQUEST_BYTES}")
+        raise ProtocolError(
+            "bad_request", f"request is {len(frame)} bytes; the limit is {MAX_REQUEST_BYTES}"
+        )
     try:
         obj = json.loads(frame.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -46,7 +46,7 @@ class VramRequest:
             return self.bytes
         assert self.percent is not None
         if total_bytes is None:
-            raise UnitError(f"--vram {self.percent:g}% needs the device's total memory, unknown here")
+            raise UnitError(f"--vram {self.percent:g}% needs the device's total memory (unknown)")
         return int(total_bytes * self.percent / 100.0)
 
     def __str__(self) -> str:
@@ -63,7 +63,9 @@ def parse_size(text: str) -> int:
         raise UnitError(f"not a size: {text!r} (use e.g. 1GiB, 750MB, 4096)")
     unit = m.group(2).lower()
     if unit not in _UNITS:
-        raise UnitError(f"unknown size unit {m.group(2)!r} in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+        raise UnitError(
+            f"unknown size unit {m.group(2)!r} in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB)"
+        )
     value = float(m.group(1)) * _UNITS[unit]
     if not math.isfinite(value) or value < 1:
         raise UnitError(f"size must be at least 1 byte: {text!r}")

@@ -425,7 +425,8 @@ class Supervisor:
 
     def _tick(self, now: float) -> None:
         for slot in self.slots.values():
-            if slot.state == "restarting" and slot.restart_at is not None and now >= slot.restart_at:
+            due = slot.restart_at is not None and now >= slot.restart_at
+            if slot.state == "restarting" and due:
                 self.start_slot(slot)
             elif slot.state == "starting" and now - slot.spawned_at >= self.config.start_timeout_s:
                 slot.error = f"no READY within {self.config.start_timeout_s:g}s"

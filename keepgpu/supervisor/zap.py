@@ -1,7 +1,8 @@
 """ZAP (ZeroMQ authentication protocol, RFC 27) decisions: only our own uid and root get in.
 
 For ipc peers libzmq appends `:<uid>:<gid>:<pid>` (from SO_PEERCRED) to the request's address
-frame (e.g. `localhost:1000:1000:4242`). TCP is only ever bound on loopback; those peers are admitted as local.
+frame (e.g. `localhost:1000:1000:4242`). TCP is only ever bound on loopback; those peers are
+admitted as local.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def allows(address: str, mechanism: str, own_uid: int) -> bool:
 
 
 def reply(frames: list[bytes], own_uid: int) -> list[bytes]:
-    """The ZAP reply frames for request `frames` (version, id, domain, address, identity, mech,...)."""
+    """ZAP reply frames for request `frames` (version, id, domain, address, identity, mech...)."""
     if len(frames) < 6 or frames[0] != b"1.0":
         req_id = frames[1] if len(frames) > 1 else b""
         return [b"1.0", req_id, b"500", b"malformed ZAP request", b"", b""]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import Sup, alive, proc_key, wait_until
 
 FAST = ["--heartbeat", "0.2", "--hang-timeout", "2", "--restart-delay", "0.1"]

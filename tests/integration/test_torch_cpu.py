@@ -6,7 +6,6 @@ import importlib.util
 
 import psutil
 import pytest
-
 from conftest import Sup, wait_until
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
