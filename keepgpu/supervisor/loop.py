@@ -70,6 +70,7 @@ class Supervisor:
         self._sigr = -1
         self._sigw = -1
         self._reap_needed = True
+        self._next_sweep = clock()
         self.on_ready: Callable[[Supervisor], None] | None = None
         self._ready_fired = False
         self.notifier = Notifier()
@@ -193,8 +194,20 @@ class Supervisor:
             if signum == signal.SIGCHLD:
                 self._reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                log.info("received %s: releasing every GPU", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if self.shutting_down:
+                    log.warning("received %s again: SIGKILL without waiting for the join", name)
+                    self._hurry()
+                else:
+                    log.info("received %s: releasing every GPU", name)
                 self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _hurry(self) -> None:
+        """A second SIGTERM/SIGINT: end the join wait now (the kill timeout still applies)."""
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.stop is not None and slot.stop.kill_deadline is None:
+                slot.stop.join_deadline = min(slot.stop.join_deadline, now)
 
     def _on_zap(self, frames: list[bytes]) -> None:
         answer = zap.reply(frames, self.uid)
@@ -437,8 +450,10 @@ class Supervisor:
                     self._hung(slot, now)
             elif slot.state == "stopping" and slot.stop is not None:
                 self._escalate(slot, slot.stop, now)
-        # A worker that exited between SIGCHLD polls is caught here at the latest.
-        self._reap_needed = True
+        # SIGCHLD can coalesce; a periodic sweep catches any exit it did not announce.
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            self._reap_needed = True
         self._reap()
 
     def _hung(self, slot: Slot, now: float) -> None:

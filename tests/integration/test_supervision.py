@@ -196,3 +196,17 @@ def test_slow_worker_start_is_bounded_by_start_timeout(start_sup):
                          env={"KEEPGPU_FAKE_START_DELAY": "0/1:30"})
     g = sup.wait_states({0: "holding"}, timeout=15)[0]
     assert g["incarnation"] == 2 and g["restarts"] == 1
+
+
+def test_second_sigterm_skips_the_join_wait(start_sup):
+    sup: Sup = start_sup("--gpus", "0", *FAST, "--join-timeout", "20", "--kill-timeout", "2",
+                         env={"KEEPGPU_FAKE_IGNORE_STOP": "1"})
+    key = proc_key(sup.wait_states("holding")[0]["pid"])
+    t0 = time.monotonic()
+    sup.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert sup.proc.poll() is None, "the first SIGTERM waits for the join timeout"
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(10) == 1  # the worker had to be killed
+    assert time.monotonic() - t0 < 5
+    assert key and not alive(key)
