@@ -1,1 +1,4 @@
-"""Worker side: `python -m keepgpu.worker`. Only keepgpu.worker.engines.torch_engine imports torch."""
+"""Worker side: `python -m keepgpu.worker`.
+
+Only keepgpu.worker.engines.torch_engine imports torch.
+"""

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from keepgpu.protocol.control import MODES
 from keepgpu.protocol.units import VramRequest, parse_vram
+
+_CHOICES: dict[str, tuple[str, ...]] = {"mode": MODES, "on_pressure": ("yield", "hold")}
+_RANGES: dict[str, tuple[float, float]] = {
+    "target_util": (1.0, 100.0),
+    "busy_threshold": (-1.0, 100.0),
+    "max_temp": (1.0, 150.0),
+}
 
 
 @dataclass
@@ -35,17 +43,26 @@ class Settings:
         return s
 
     def apply(self, changes: dict[str, Any]) -> list[str]:
-        """Apply `set` changes; returns the names that changed."""
-        changed = []
+        """Apply `set` changes all at once; returns the names that changed.
+
+        Raises ValueError (UnitError for vram) for any bad value, and then changes nothing.
+        """
+        new: dict[str, Any] = {}
         if "vram" in changes:
-            self.vram = parse_vram(changes["vram"])
-            changed.append("vram")
-        for key in ("mode", "on_pressure"):
+            new["vram"] = parse_vram(changes["vram"])
+        for key, allowed in _CHOICES.items():
             if key in changes:
-                setattr(self, key, str(changes[key]))
-                changed.append(key)
-        for key in ("target_util", "busy_threshold", "max_temp"):
+                value = str(changes[key])
+                if value not in allowed:
+                    raise ValueError(f"{key} must be one of {', '.join(allowed)}: {value!r}")
+                new[key] = value
+        for key, (low, high) in _RANGES.items():
             if key in changes:
-                setattr(self, key, float(changes[key]))
-                changed.append(key)
+                number = float(changes[key])
+                if not low <= number <= high:
+                    raise ValueError(f"{key} must be in [{low:g}, {high:g}]: {number:g}")
+                new[key] = number
+        changed = [key for key, value in new.items() if getattr(self, key) != value]
+        for key, value in new.items():
+            setattr(self, key, value)
         return changed

@@ -18,7 +18,8 @@ class ConfigurationError(Exception):
 
 
 class EngineError(Exception):
-    """A runtime failure of the engine (e.g. the device was lost): exit 1, the supervisor retries."""
+    """A runtime failure of the engine (e.g. the device was lost): exit 1, the supervisor
+    restarts the worker."""
 
 
 @dataclass(frozen=True)
