@@ -19,9 +19,10 @@ from typing import Any
 import zmq
 
 from keepgpu.protocol import wire
-from keepgpu.protocol.units import UnitError
+from keepgpu.protocol.units import UnitError, VramRequest, parse_vram
 from keepgpu.telemetry.base import GpuSample
 from keepgpu.worker.engines.base import (
+    CHUNK_BYTES,
     MAX_PULSE_S,
     ConfigurationError,
     DeviceIdentity,
@@ -35,8 +36,10 @@ log = logging.getLogger("keepgpu.worker")
 
 CONTROL_INTERVAL_S = 0.5
 MAX_WAIT_S = 0.05  # stop and pause take effect within this
-PSTATE_PERIOD_S = 0.05
+PSTATE_PERIOD_S = 0.05  # ≤ 100 ms between pstate kernels keeps the clocks up
 PSTATE_PULSE_S = 0.0002
+GROW_STEP_BYTES = 4 * CHUNK_BYTES  # per loop iteration: 1 GiB at most between two polls
+GROW_RETRY_S = 5.0  # after an out-of-memory stop, try growing again this much later
 
 
 def pulse_schedule(mode: str, duty: float) -> tuple[float, float] | None:
@@ -63,16 +66,25 @@ def make_engine(settings: Settings, incarnation: int) -> Engine:
 
 
 class KeepLoop:
+    """The worker's single loop: pulses, control ticks, heartbeats and supervisor messages.
+
+    Nothing in it blocks longer than MAX_WAIT_S (a pulse is queued, not waited for; growth of
+    the hold goes GROW_STEP_BYTES per iteration), so STOP and pause take effect within 50 ms.
+    """
+
     def __init__(self, sock: zmq.Socket[bytes], engine: Engine, settings: Settings) -> None:
         self.sock = sock
         self.engine = engine
         self.settings = settings
-        self.governor = Governor(settings, time.monotonic())
+        self.governor = Governor(settings, time.monotonic(), own_pids=(os.getpid(),))
         self.identity: DeviceIdentity | None = None
         self.stop_requested = False
         self.progress = 0
         self.sample: GpuSample | None = None
         self.decision = Decision("holding", None, 0.0)
+        self.want_bytes = 0
+        self._grow_blocked_until = 0.0
+        self._telemetry_failed = False
 
     def send(self, kind: str, **fields: Any) -> None:
         try:
@@ -80,16 +92,18 @@ class KeepLoop:
         except zmq.ZMQError as exc:
             log.debug("dropped %s: %s", kind, exc)
 
-    def target_bytes(self) -> int:
+    def target_bytes(self, vram: VramRequest | None = None) -> int:
+        """Bytes --vram asks for on this device (raises ConfigurationError above its total)."""
         total = self.identity.mem_total_bytes if self.identity else None
-        want = self.settings.vram.resolve(total)
+        want = (vram or self.settings.vram).resolve(total)
         if total is not None and want > total:
             raise ConfigurationError(f"--vram {want} bytes exceeds the device's {total} bytes")
         return want
 
     def start(self) -> None:
         self.identity = self.engine.open()
-        self.engine.resize(self.target_bytes())
+        self.want_bytes = self.target_bytes()
+        self.engine.resize(self.want_bytes)
         mark = getattr(self.engine, "mark_ready", None)
         if mark is not None:
             mark()
@@ -101,8 +115,9 @@ class KeepLoop:
             held_bytes=self.engine.held_bytes,
             mem_total_bytes=self.identity.mem_total_bytes,
         )
-        log.info("holding %d bytes on %s (%s)", self.engine.held_bytes, self.identity.uuid,
-                 self.identity.name)
+        log.info("holding %d bytes on %s (%s), mode %s, target %g%%", self.engine.held_bytes,
+                 self.identity.uuid, self.identity.name, self.settings.mode,
+                 self.settings.target_util)
 
     def run(self) -> None:
         now = time.monotonic()
@@ -116,41 +131,86 @@ class KeepLoop:
             if now >= next_ctrl:
                 self._control(now)
                 next_ctrl = now + CONTROL_INTERVAL_S
+            self._step_hold(now)
             if now >= next_hb:
                 self._heartbeat()
                 next_hb = now + self.settings.heartbeat_s
             plan = pulse_schedule(self.settings.mode, self.decision.duty)
-            if self.decision.state == "backoff":
-                plan = None
             if plan is not None and now >= next_pulse:
                 if not self.engine.busy():
                     self.engine.pulse(self.settings.mode, plan[0])
                 next_pulse = now + plan[1]
             wake = min(next_hb, next_ctrl, next_pulse if plan else next_hb)
+            if self.engine.held_bytes < self.want_bytes and now >= self._grow_blocked_until:
+                wake = now  # keep growing the hold step by step
             wait = min(MAX_WAIT_S, max(0.0, wake - time.monotonic()))
             if self.sock.poll(int(wait * 1000)):
                 self._drain()
 
+    def _read(self) -> GpuSample | None:
+        try:
+            sample = self.engine.telemetry().sample([os.getpid()])
+        except Exception as exc:  # noqa: BLE001 - a telemetry bug must not stop the keeper
+            if not self._telemetry_failed:
+                log.exception("telemetry failed (going on without it): %s", exc)
+            self._telemetry_failed = True
+            return None
+        if self._telemetry_failed:
+            log.info("telemetry is back")
+        self._telemetry_failed = False
+        return sample
+
     def _control(self, now: float) -> None:
-        self.sample = self.engine.telemetry().sample([os.getpid()])
-        decision = self.governor.decide(self.sample, now)
+        """Read the device, decide, and set the hold target (raises DeviceLost)."""
+        self.sample = self._read()
+        if self.sample is not None and self.sample.lost:
+            log.error("device %s is lost (%s): exiting for the supervisor to restart",
+                      self.sample.uuid, self.sample.error)
+        decision = self.governor.decide(self.sample, now, self.engine.held_bytes,
+                                        self.target_bytes(), self.engine.own_duty())
         if (decision.state, decision.reason) != (self.decision.state, self.decision.reason):
-            log.info("state=%s reason=%s", decision.state, decision.reason or "-")
+            log.info("%s", describe_change(decision, self.sample, self.engine.held_bytes,
+                                           self.settings))
         self.decision = decision
-        want = decision.hold_bytes if decision.hold_bytes is not None else self.target_bytes()
-        if want != self.engine.held_bytes:
-            self.engine.resize(want)
+        target = self.target_bytes()
+        self.want_bytes = target if decision.hold_bytes is None else min(target,
+                                                                          decision.hold_bytes)
+        if self.want_bytes < self.engine.held_bytes:
+            before = self.engine.held_bytes
+            self.engine.resize(self.want_bytes)
+            log.info("hold shrunk from %d to %d bytes (%s)", before, self.engine.held_bytes,
+                     decision.reason or "--vram")
+
+    def _step_hold(self, now: float) -> None:
+        """Grow towards want_bytes by at most GROW_STEP_BYTES (stays responsive); on out of
+        memory wait GROW_RETRY_S before trying again."""
+        held = self.engine.held_bytes
+        if held >= self.want_bytes or now < self._grow_blocked_until:
+            return
+        step = min(self.want_bytes, held + GROW_STEP_BYTES)
+        if self.engine.resize(step) < step:
+            self._grow_blocked_until = now + GROW_RETRY_S
+        elif self.engine.held_bytes >= self.want_bytes:
+            log.debug("hold grown to %d bytes", self.engine.held_bytes)
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """The telemetry part of a heartbeat: the protocol's fields (None = unknown) and ours."""
+        fields = (self.sample or GpuSample()).status_fields()
+        fields["duty_pct"] = round(self.engine.own_duty() * 100.0, 2)
+        fields["duty_target_pct"] = round(self.decision.duty * 100.0, 2)
+        fields["others_util_pct"] = self.decision.others_util_pct
+        fields["probing"] = self.decision.probing
+        fields["telemetry_error"] = self.sample.error if self.sample else "no telemetry"
+        return fields
 
     def _heartbeat(self) -> None:
-        fields = self.sample.status_fields() if self.sample else {}
-        fields["duty_pct"] = round(self.engine.own_duty() * 100.0, 2)
         self.send(
             "hb",
             progress=self.progress,
             state=self.decision.state,
             reason=self.decision.reason,
             held_bytes=self.engine.held_bytes,
-            telemetry=fields,
+            telemetry=self.heartbeat_fields(),
         )
 
     def _drain(self) -> None:
@@ -171,6 +231,7 @@ class KeepLoop:
                 log.warning("ignoring STOP (test fault)")
             else:
                 self.stop_requested = True
+                return
         elif kind == "pause":
             seconds = msg.get("seconds")
             self.governor.pause(float(seconds) if seconds is not None else None, now)
@@ -179,19 +240,48 @@ class KeepLoop:
             self.governor.resume()
             self._control(now)
         elif kind == "set":
-            changes = {k: v for k, v in msg.items() if k != "t"}
-            try:
-                changed = self.settings.apply(changes)
-            except (UnitError, ValueError) as exc:
-                log.error("set refused: %s", exc)
-                return
-            log.info("settings changed: %s", ", ".join(changed))
-            self._control(now)
+            self._apply_set({k: v for k, v in msg.items() if k != "t"}, now)
         self._heartbeat()
 
+    def _apply_set(self, changes: dict[str, Any], now: float) -> None:
+        """`keepgpu-ctl set`: every field takes effect at once (vram, mode, target_util,
+        busy_threshold, max_temp, on_pressure); a bad value changes nothing."""
+        try:
+            if "vram" in changes:
+                self.target_bytes(parse_vram(changes["vram"]))  # fits this device?
+            changed = self.settings.apply(changes)
+        except (ConfigurationError, UnitError, ValueError, TypeError) as exc:
+            log.error("set refused: %s", exc)
+            self.send("error", message=f"set refused: {exc}")
+            return
+        log.info("settings changed: %s", ", ".join(
+            f"{key}={getattr(self.settings, key)}" for key in changed) or "none")
+        self._control(now)
+
     def release(self) -> None:
+        """Free the hold and say so (the supervisor then sees a clean exit)."""
+        held = self.engine.held_bytes
         self.engine.release()
+        log.info("released %d bytes", held)
         self.send("stopped", held_bytes=0)
+
+
+def describe_change(decision: Decision, sample: GpuSample | None, held: int,
+                    settings: Settings) -> str:
+    """The one log line for a state/reason change, with the readings that led to it."""
+
+    def show(value: float | None, unit: str) -> str:
+        return "-" if value is None else f"{value:.0f}{unit}"
+
+    s = sample or GpuSample()
+    line = (
+        f"state={decision.state} reason={decision.reason or '-'} "
+        f"util={show(s.util_pct, '%')} others={show(decision.others_util_pct, '%')} "
+        f"busy_threshold={settings.busy_threshold:g}% temp={show(s.temp_c, 'C')} "
+        f"max_temp={settings.max_temp:g}C free_bytes={s.mem_free_bytes} held_bytes={held} "
+        f"duty={decision.duty * 100:.0f}%"
+    )
+    return line + (f" telemetry_error={s.error!r}" if s.error else "")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -208,12 +298,11 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     logging.basicConfig(
         level=os.environ.get("KEEPGPU_WORKER_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s keepgpu-worker[gpu={args.gpu} pid=%(process)d] %(levelname)s "
-        "%(message)s",
+        format=f"%(asctime)s keepgpu-worker[gpu={args.gpu} pid=%(process)d "
+        f"inc={args.incarnation}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    settings = Settings.from_wire(json.loads(args.settings))
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -229,12 +318,13 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
+        settings = Settings.from_wire(json.loads(args.settings))
         loop = KeepLoop(sock, make_engine(settings, args.incarnation), settings)
         loop.start()
         loop.run()
         loop.release()
         return 0
-    except (ConfigurationError, UnitError) as exc:
+    except (ConfigurationError, ValueError) as exc:  # UnitError is a ValueError
         log.error("%s", exc)
         if loop is not None:
             loop.send("error", message=str(exc))
