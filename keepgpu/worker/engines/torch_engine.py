@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from keepgpu.telemetry.base import Telemetry, TelemetryUnavailable
 from keepgpu.telemetry.null import NullTelemetry
 from keepgpu.worker.engines.base import (
     CHUNK_BYTES,
+    MAX_PULSE_S,
     ConfigurationError,
     DeviceIdentity,
     DutyMeter,
@@ -26,6 +29,67 @@ log = logging.getLogger("keepgpu.worker.torch")
 
 _DUTY_WINDOW_S = 1.0
 _PSTATE_ELEMS = 32 * 1024  # 128 KiB of float32: a kernel of a few microseconds
+_CALIBRATE_WARMUP_S = 0.05
+_SM_ELEMS = 16 * 1024**2  # 64 MiB of float32: ~65k blocks of 256 threads, every SM busy
+_MM_N = 4096  # compute operand side; halved until one product takes ≤ MAX_PULSE_S / 4
+_MM_MIN_N = 256
+_MAX_LAUNCHES = 1000  # per pulse: bounds the CPU time spent queueing
+
+
+def _spin(cycles: int) -> None:
+    """torch.cuda._sleep: one block of one thread spinning for `cycles` SM clock cycles."""
+    torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class _Burst:
+    """A kernel launch for sm/compute pulses and its measured seconds per launch."""
+
+    op: Callable[[], object]
+    seconds: float
+
+    def launches(self, pulse_s: float) -> int:
+        return max(1, min(_MAX_LAUNCHES, round(pulse_s / self.seconds)))
+
+
+def _time_launch(op: Callable[[], object], reps: int) -> float:
+    """Wall seconds per launch of `op` (after one warm-up launch)."""
+    op()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        op()
+    torch.cuda.synchronize()
+    return max(1e-6, (time.perf_counter() - t0) / reps)
+
+
+def _sm_burst(device: torch.device) -> _Burst:
+    buf = torch.ones(_SM_ELEMS, device=device, dtype=torch.float32)
+
+    def op() -> object:
+        return buf.neg_()  # stays ±1 forever; tens of thousands of blocks per launch
+
+    return _Burst(op, _time_launch(op, 20))
+
+
+def _matmul(n: int, device: torch.device) -> Callable[[], object]:
+    a = torch.randn(n, n, device=device, dtype=torch.float16).mul_(n**-0.5)
+    out = torch.empty_like(a)
+
+    def op() -> object:
+        return torch.mm(a, a, out=out)
+
+    return op
+
+
+def _compute_burst(device: torch.device) -> _Burst:
+    n = _MM_N
+    while True:
+        op = _matmul(n, device)
+        seconds = _time_launch(op, 5)
+        if seconds <= MAX_PULSE_S / 4 or n <= _MM_MIN_N:
+            return _Burst(op, seconds)
+        n //= 2
 
 
 class TorchEngine:
@@ -41,7 +105,7 @@ class TorchEngine:
         self._name: str | None = None
         self._event: Any = None
         self._cycles_per_s = 1.0e9
-        self._mm: dict[str, tuple[torch.Tensor, float]] = {}
+        self._bursts: dict[str, _Burst | None] = {}
         self._small: torch.Tensor | None = None
         self._meter = DutyMeter(_DUTY_WINDOW_S)
         self._telemetry: Telemetry | None = None
@@ -89,12 +153,16 @@ class TorchEngine:
         return int(props.total_memory)
 
     def _calibrate_sleep(self) -> None:
-        """Cycles per second of torch.cuda._sleep, measured against wall time."""
+        """Cycles per second of torch.cuda._sleep, measured against wall time after ~50 ms of
+        spinning has raised the clocks (an idle GPU starts slow). The controller corrects what
+        clock changes leave over."""
         cycles = 2_000_000
-        torch.cuda._sleep(cycles)  # warm-up
-        torch.cuda.synchronize()
+        warm_until = time.perf_counter() + _CALIBRATE_WARMUP_S
+        while time.perf_counter() < warm_until:
+            _spin(cycles)
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        torch.cuda._sleep(cycles * 5)
+        _spin(cycles * 5)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         self._cycles_per_s = max(1.0e7, cycles * 5 / max(elapsed, 1e-6))
@@ -131,9 +199,18 @@ class TorchEngine:
         return self.held_bytes
 
     # ---- activity ------------------------------------------------------------------------
+    #
+    # duty / pstate: torch.cuda._sleep, a <<<1,1>>> spin kernel calibrated to wall time: NVML
+    #   reads the device as busy for exactly that long, at the least power (one SM, no memory).
+    # sm: an in-place negation of a 64 MiB float32 buffer (tens of thousands of blocks): every
+    #   SM gets warps, for monitors that read SM_ACTIVE; memory-bound, moderate power.
+    # compute: fp16 matrix products on the tensor cores (one product well under a pulse): power
+    #   rises as under real work, for reapers that corroborate utilization with power.
+    # cpu / mps: a small in-place loop for the pulse's wall time whatever the mode.
 
     def pulse(self, mode: str, seconds: float) -> None:
         now = time.monotonic()
+        seconds = min(seconds, MAX_PULSE_S)
         try:
             if self.kind in ("cuda", "rocm"):
                 self._pulse_gpu(mode, seconds)
@@ -144,29 +221,31 @@ class TorchEngine:
         self._meter.record(now, seconds)
 
     def _pulse_gpu(self, mode: str, seconds: float) -> None:
-        if mode in ("duty", "pstate") or self._small is None:
-            torch.cuda._sleep(max(1, int(self._cycles_per_s * seconds)))
+        burst = self._burst(mode) if mode in ("sm", "compute") else None
+        if burst is None:
+            _spin(max(1, int(self._cycles_per_s * seconds)))
         else:
-            x, per_mm = self._matmul_operand(mode)
-            for _ in range(max(1, round(seconds / per_mm))):
-                torch.mm(x, x)
+            for _ in range(burst.launches(seconds)):
+                burst.op()
         if self._event is None:
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._event.record()
 
-    def _matmul_operand(self, mode: str) -> tuple[torch.Tensor, float]:
-        """A square operand for sm/compute pulses and the measured seconds per product."""
-        if mode not in self._mm:
-            n = 1024 if mode == "sm" else 4096
-            x = torch.randn(n, n, device=self._device, dtype=torch.float16)
-            torch.mm(x, x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                torch.mm(x, x)
-            torch.cuda.synchronize()
-            self._mm[mode] = (x, max(1e-6, (time.perf_counter() - t0) / 10))
-        return self._mm[mode]
+    def _burst(self, mode: str) -> _Burst | None:
+        """The kernel for an sm/compute pulse, built on first use (None: fall back to the spin
+        kernel, e.g. when the device has no room for the operands)."""
+        if mode in self._bursts:
+            return self._bursts[mode]
+        self._bursts.clear()  # one mode's operands at a time
+        try:
+            burst = _sm_burst(self._device) if mode == "sm" else _compute_burst(self._device)
+        except torch.OutOfMemoryError:
+            log.warning("no memory for %s-mode operands: pulsing with the spin kernel", mode)
+            burst = None
+        if burst is not None:
+            log.info("%s pulses: %.3f ms per launch", mode, burst.seconds * 1000)
+        self._bursts[mode] = burst
+        return burst
 
     def _pulse_sync(self, seconds: float) -> None:
         """cpu/mps: small work repeated until `seconds` of wall time passed."""
@@ -202,7 +281,7 @@ class TorchEngine:
 
     def release(self) -> None:
         self._chunks.clear()
-        self._mm.clear()
+        self._bursts.clear()
         self._small = None
         self._sync()
         if self.kind in ("cuda", "rocm"):
