@@ -121,3 +121,16 @@ def test_detach_second_instance_is_refused(base_env):
         assert second.returncode == 1 and "already running" in second.stderr
     finally:
         run([*CTL, "--name", "bg2", "stop"], base_env)
+
+
+def test_json_logs_one_object_per_line_with_state_changes(start_sup):
+    import json
+
+    sup = start_sup("--gpus", "0", "--log-format", "json", "--heartbeat", "0.2")
+    sup.wait_states("holding")
+    sup.call("stop", timeout=15)
+    sup.proc.wait(10)
+    records = [json.loads(line) for line in sup.log().splitlines() if line.startswith("{")]
+    messages = [r["msg"] for r in records if r["logger"] == "keepgpu.supervisor"]
+    assert any("state=holding" in m and "gpu=0" in m for m in messages)
+    assert all({"ts", "level", "pid", "msg"} <= set(r) for r in records)
