@@ -352,8 +352,9 @@ def test_normal_end_epilog_kills_unnamed_keepers_of_the_job_only(cluster: None) 
     finally:
         h.scancel(job)
         h.stop_keeper(user, "outside")
-        h.as_user(user, ["rm", "-rf", "--", f"{h.user_env(user)['HOME']}/kg-private"],
-                  check=False)
+        outside_files = [str(p) for p in h.runtime_dir(user).glob("outside.*")]
+        h.as_user(user, ["rm", "-rf", "--", f"{h.user_env(user)['HOME']}/kg-private",
+                         *outside_files], check=False)
 
 
 def test_cluster_scripts_are_idempotent(cluster: None) -> None:
