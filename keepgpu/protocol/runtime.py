@@ -26,7 +26,9 @@ def default_runtime_dir() -> Path:
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
+    # Batch jobs often inherit the login node's XDG_RUNTIME_DIR, which does not exist on the
+    # compute node: use it only when it is really there and ours.
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.getuid():
         return Path(xdg) / "keepgpu"
     return Path(f"/tmp/keepgpu-{os.getuid()}")
 

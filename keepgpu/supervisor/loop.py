@@ -188,7 +188,7 @@ class Supervisor:
         # Bounded, so that other sockets and deadlines get their turn; EVENTS avoids paying
         # for a zmq.Again exception at the end of every drain.
         for _ in range(1000):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             handle(sock.recv_multipart(zmq.NOBLOCK))
 

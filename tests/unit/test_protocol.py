@@ -101,3 +101,15 @@ def test_runtime_dir_rules(tmp_path):
     with pytest.raises(RuntimeDirError, match="107-byte"):
         ipc_endpoint(tmp_path / ("x" * 120))
     assert paths_for("job-1.0", good).control_endpoint.endswith("/job-1.0.ctl")
+
+
+def test_runtime_dir_ignores_a_foreign_or_missing_xdg_dir(monkeypatch, tmp_path):
+    from keepgpu.protocol.runtime import default_runtime_dir
+
+    monkeypatch.delenv("KEEPGPU_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    assert str(default_runtime_dir()).startswith("/tmp/keepgpu-")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_runtime_dir() == tmp_path / "keepgpu"
+    monkeypatch.setenv("KEEPGPU_RUNTIME_DIR", "/somewhere")
+    assert str(default_runtime_dir()) == "/somewhere"
