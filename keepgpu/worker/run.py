@@ -276,9 +276,12 @@ def describe_change(decision: Decision, sample: GpuSample | None, held: int,
     s = sample or GpuSample()
     line = (
         f"state={decision.state} reason={decision.reason or '-'} "
-        f"util={show(s.util_pct, '%')} others={show(decision.others_util_pct, '%')} "
+        f"util={show(s.util_pct, '%')} own_util={show(s.own_util_pct, '%')} "
+        f"others={show(decision.others_util_pct, '%')} "
         f"busy_threshold={settings.busy_threshold:g}% temp={show(s.temp_c, 'C')} "
-        f"max_temp={settings.max_temp:g}C free_bytes={s.mem_free_bytes} held_bytes={held} "
+        f"max_temp={settings.max_temp:g}C power={show(s.power_w, 'W')} "
+        f"pstate={s.pstate or '-'} mem_used_bytes={s.mem_used_bytes} "
+        f"mem_total_bytes={s.mem_total_bytes} held_bytes={held} "
         f"duty={decision.duty * 100:.0f}%"
     )
     return line + (f" telemetry_error={s.error!r}" if s.error else "")

@@ -18,6 +18,7 @@ import zmq
 
 from keepgpu.protocol import wire
 from keepgpu.protocol.units import VramRequest
+from keepgpu.telemetry.base import GpuSample
 from keepgpu.worker.engines.fake import FakeEngine
 from keepgpu.worker.faults import Faults
 from keepgpu.worker.governor import Decision, DeviceLost
@@ -160,3 +161,9 @@ def test_state_change_log_line_names_the_readings() -> None:
     line = describe_change(Decision("backoff", "busy", 0.0, None, 85.0), None, GiB, Settings())
     assert line.startswith("state=backoff reason=busy ")
     assert "others=85%" in line and "util=-" in line and f"held_bytes={GiB}" in line
+    sample = GpuSample(util_pct=100.0, own_util_pct=0.0, mem_used_bytes=2 * GiB,
+                       mem_total_bytes=80 * GiB, temp_c=55.0, power_w=250.0, pstate="P0")
+    line = describe_change(Decision("holding", None, 0.3), sample, GiB, Settings())
+    for part in ("util=100%", "own_util=0%", "temp=55C", "power=250W", "pstate=P0",
+                 f"mem_used_bytes={2 * GiB}", f"mem_total_bytes={80 * GiB}", "duty=30%"):
+        assert part in line, part
