@@ -111,9 +111,17 @@ def cmd_set(sup: Supervisor, req: Request, env: list[bytes]) -> dict[str, Any]:
     """set {gpus?, vram?, mode?, target_util?, busy_threshold?, max_temp?, on_pressure?}:
     change settings of running workers without restarting them; kept for later restarts."""
     changes = {k: v for k, v in req.args.items() if k != "gpus"}
+    slots = resolve(sup, req.args.get("gpus"))
     if "vram" in changes:
-        parse_vram(changes["vram"])  # already validated; normalised form is on the wire
-    for slot in resolve(sup, req.args.get("gpus")):
+        want = parse_vram(changes["vram"])
+        for slot in slots:
+            total = slot.telemetry.get("mem_total_bytes") or slot.mem_total_bytes
+            if want.bytes is not None and isinstance(total, int) and want.bytes > total:
+                raise ProtocolError(
+                    "invalid_argument",
+                    f"vram {want.bytes} bytes exceeds GPU {slot.gpu}'s {total} bytes",
+                )
+    for slot in slots:
         slot.overrides.update(changes)
     return _forward(sup, req, "set", changes)
 

@@ -272,6 +272,9 @@ class Supervisor:
         held = msg.get("held_bytes")
         if isinstance(held, int):
             slot.held_bytes = held
+        total = msg.get("mem_total_bytes")
+        if isinstance(total, int):
+            slot.mem_total_bytes = total
 
     def _on_control(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or len(frames) > 4:

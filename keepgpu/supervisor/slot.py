@@ -26,6 +26,10 @@ TELEMETRY_FIELDS = (
     "power_w",
     "pstate",
     "duty_pct",
+    "duty_target_pct",
+    "others_util_pct",
+    "probing",
+    "telemetry_error",
 )
 
 
@@ -62,6 +66,7 @@ class Slot:
     stop: StopOp | None = None
     name: str | None = None
     held_bytes: int | None = None
+    mem_total_bytes: int | None = None  # from READY; kept across restarts
     telemetry: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     paused_until: float | None = None  # monotonic; inf = until resume

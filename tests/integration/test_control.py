@@ -240,3 +240,13 @@ def test_tcp_control_on_loopback(start_sup):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["supervisor"]["endpoint"] == endpoint
+
+
+def test_set_vram_above_total_is_refused_and_not_kept(sup):
+    reply = raw(sup, request("set", {"gpus": [0], "vram": "100GiB"}))
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_argument"
+    assert "exceeds" in reply["error"]["message"]
+    old = sup.gpus()[0]["pid"]
+    os.kill(old, 9)
+    g = wait_until(lambda: (x := sup.gpus()[0])["state"] == "holding" and x["pid"] != old and x, 10)
+    assert g["held_bytes"] == 1024**3, "the refused setting did not leak into the restart"
