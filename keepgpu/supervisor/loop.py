@@ -33,6 +33,7 @@ log = logging.getLogger("keepgpu.supervisor")
 _HARD_MAX_MSG = 1024 * 1024
 _HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MAX_POLL_S = 5.0
+_HB_BATCH_S = 0.1
 
 
 @dataclass
@@ -111,8 +112,11 @@ class Supervisor:
         finally:
             os.umask(old)
         self.poller = zmq.Poller()
+        self.poller_quiet = zmq.Poller()  # the same without the workers socket
         for sock in (self.zap, self.workers, self.control):
             self.poller.register(sock, zmq.POLLIN)
+            if sock is not self.workers:
+                self.poller_quiet.register(sock, zmq.POLLIN)
 
     def install_signals(self) -> None:
         self._sigr, self._sigw = os.pipe()
@@ -123,6 +127,7 @@ class Supervisor:
         for sig in _HANDLED_SIGNALS:
             signal.signal(sig, _noop_handler)
         self.poller.register(self._sigr, zmq.POLLIN)
+        self.poller_quiet.register(self._sigr, zmq.POLLIN)
 
     def run(self) -> int:
         """Start every worker and serve until released. Returns the process exit code."""
@@ -135,9 +140,18 @@ class Supervisor:
 
     def _loop(self) -> int:
         due = self.clock()
+        batch_until = 0.0
         while True:
-            wait = max(0.0, min(_MAX_POLL_S, due - self.clock()))
-            events = dict(self.poller.poll(int(math.ceil(wait * 1000))))
+            now = self.clock()
+            # Heartbeats are gathered in batches: after a wake-up for worker messages alone the
+            # workers socket rests for _HB_BATCH_S (control, signals and deadlines still wake us).
+            resting = now < batch_until and not self._dirty
+            wake = min(due, batch_until) if resting else due
+            wait = max(0.0, min(_MAX_POLL_S, wake - now))
+            poller = self.poller_quiet if resting else self.poller
+            events = dict(poller.poll(int(math.ceil(wait * 1000))))
+            if events.keys() == {self.workers}:
+                batch_until = self.clock() + _HB_BATCH_S
             if self._sigr in events:
                 self._drain_signals()
             if self.zap in events:
@@ -153,6 +167,7 @@ class Supervisor:
             if not self._dirty and now < due:
                 continue
             self._dirty = False
+            self._drain(self.workers, self._on_worker)  # no hang verdict on unread heartbeats
             self._tick(now)
             self._watchdog()
             code = self._finish_if_done()

@@ -191,11 +191,12 @@ def test_stale_socket_of_a_killed_supervisor_does_not_block_a_new_one(start_sup,
 
 
 def test_slow_worker_start_is_bounded_by_start_timeout(start_sup):
-    sup: Sup = start_sup("--gpus", "0", *FAST, "--start-timeout", "1", "--join-timeout", "0.3",
+    sup: Sup = start_sup("--gpus", "0", *FAST, "--start-timeout", "4", "--join-timeout", "0.3",
                          "--max-restarts", "1",
                          env={"KEEPGPU_FAKE_START_DELAY": "0/1:30"})
-    g = sup.wait_states({0: "holding"}, timeout=15)[0]
+    g = sup.wait_states({0: "holding"}, timeout=25)[0]
     assert g["incarnation"] == 2 and g["restarts"] == 1
+    assert "no READY within 4s" in sup.log()
 
 
 def test_second_sigterm_skips_the_join_wait(start_sup):
