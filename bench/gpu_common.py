@@ -66,9 +66,17 @@ class Gpu:
                 "mem_total_bytes": self.mem_total_bytes, "power_limit_w": self.power_limit_w,
                 "max_sm_clock_mhz": self.max_sm_clock_mhz}
 
-    def mem_used(self) -> int:
+    def mem_used_or_none(self) -> int | None:
         info = nv("nvmlDeviceGetMemoryInfo", self.handle)
-        return int(info.used) if info is not None else -1
+        return int(info.used) if info is not None else None
+
+    def mem_used(self) -> int:
+        """NVML used memory in bytes; raises when NVML cannot say (no number is better than a
+        wrong one: every hold and release verdict rests on it)."""
+        used = self.mem_used_or_none()
+        if used is None:
+            raise RuntimeError(f"NVML gives no memory reading for {self.uuid}")
+        return used
 
     def processes(self) -> list[int]:
         procs = nv("nvmlDeviceGetComputeRunningProcesses", self.handle) or []
@@ -148,7 +156,7 @@ class Sampler(threading.Thread):
         return (
             time.monotonic(),
             int(util.gpu) if util is not None else None,
-            self.gpu.mem_used(),
+            self.gpu.mem_used_or_none(),
             power / 1000.0 if power is not None else None,
             nv("nvmlDeviceGetClockInfo", h, _nvml.NVML_CLOCK_SM),
             nv("nvmlDeviceGetPerformanceState", h),

@@ -115,6 +115,6 @@ def series(rows: list[tuple[Any, ...]], t_origin: float) -> dict[str, list[Any]]
         "power_w": [round(r[POWER], 1) if r[POWER] is not None else None for r in rows],
         "sm_mhz": [r[SM] for r in rows],
         "pstate": [r[PSTATE] for r in rows],
-        "mem_used_gib": [round(r[MEM] / 1024**3, 3) if r[MEM] is not None and r[MEM] >= 0
-                         else None for r in rows],
+        "mem_used_gib": [round(r[MEM] / 1024**3, 3) if r[MEM] is not None else None
+                         for r in rows],
     }

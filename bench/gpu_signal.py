@@ -64,6 +64,7 @@ def energy_window(gpu: Gpu, t0: float, t1: float) -> float | None:
 
 def baseline(gpu: Gpu, sampler: Sampler, seconds: float) -> dict[str, Any]:
     """Power with no process on the GPU, then with an idle CUDA context (the baseline)."""
+    idle_used = gpu.mem_used()
     t = time.monotonic()
     sleep_until(t + 5.0)
     no_ctx = power_metrics(sampler.between(t, t + 5.0), None, None)
@@ -75,6 +76,7 @@ def baseline(gpu: Gpu, sampler: Sampler, seconds: float) -> dict[str, Any]:
     finally:
         proc.kill()
         proc.wait()
+        wait_idle(gpu, idle_used)
     base = power_metrics(rows, energy, None)
     return {
         "label": "baseline: idle CUDA context",
