@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,6 +366,8 @@ class Keeper:
             log(f"WARNING: {self.tool} pids {left} survived SIGKILL")
         if self._log is not None:
             self._log.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def wait_exit(self, timeout: float) -> float | None:
         """Seconds until the keeper's main process has exited; None on timeout."""
