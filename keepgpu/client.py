@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,34 +34,66 @@ def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
 
 
 class Client:
-    """One request at a time over a DEALER socket; every wait bounded by `timeout` seconds."""
+    """Requests over one DEALER socket, kept open between calls (one context, one connection,
+    one ZAP check). Every wait is bounded by `timeout` seconds. Not thread-safe: use one Client
+    per thread. `close()` (or a with-block) releases the socket."""
 
     def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            if self._ctx is None:
+                self._ctx = zmq.Context()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _drop_socket(self) -> None:
+        """Forget the socket (after a timeout its queue may hold stale requests)."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._drop_socket()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:
         """Send `cmd` and return its result; raises NoSupervisor or CommandFailed."""
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise NoSupervisor(f"no supervisor socket at {self.endpoint[6:]}")
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(self.endpoint)
-            req_id = next(_ids)
-            sock.send_multipart([b"", encode_request(cmd, args, req_id)])
-            wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
-            if not sock.poll(wait_ms):
-                raise NoSupervisor(f"no answer from {self.endpoint} within {wait_ms / 1000:g}s")
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        sock = self._socket()
+        req_id = next(_ids)
+        sock.send_multipart([b"", encode_request(cmd, args, req_id)])
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not sock.poll(left_ms):
+                self._drop_socket()
+                raise NoSupervisor(f"no answer from {self.endpoint} within {wait:g}s")
             frames = sock.recv_multipart()
-            reply = decode_reply(frames[-1])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CommandFailed("bad_reply", f"unreadable reply: {exc}") from None
-        finally:
-            sock.close(linger=0)
-            ctx.term()
+            try:
+                reply = decode_reply(frames[-1])
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CommandFailed("bad_reply", f"unreadable reply: {exc}") from None
+            if reply.get("id") == req_id:
+                break  # anything else answers an earlier call that timed out
         if not reply["ok"]:
             err = reply.get("error") or {}
             raise CommandFailed(str(err.get("code")), str(err.get("message")))

@@ -95,3 +95,4 @@ def _release(proc: subprocess.Popen[bytes], client: Client) -> None:
         proc.wait(5)
     if proc.stderr is not None:
         proc.stderr.close()
+    client.close()

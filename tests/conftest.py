@@ -132,6 +132,7 @@ class Sup:
         for key in self.seen_workers:
             if alive(key):
                 os.kill(key[0], signal.SIGKILL)
+        self.client.close()
         self._stderr.close()
 
 

@@ -95,6 +95,7 @@ def cli(ctx: click.Context, name: str, endpoint: str | None, timeout: float) -> 
     except RuntimeDirError as exc:
         fail(EXIT_CONFIG, str(exc))
     ctx.obj = Ctx(ep, timeout, False)
+    ctx.call_on_close(ctx.obj.client.close)
 
 
 @cli.command()

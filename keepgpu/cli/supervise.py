@@ -73,7 +73,7 @@ def check_control(endpoint: str) -> str:
               help="back off when other processes use more than this percent; -1 never")
 @click.option("--max-temp", type=click.FloatRange(1, 150), default=83.0, help="pause above, °C")
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default="yield")
-@click.option("--heartbeat", type=float, default=1.0, callback=_positive, help="seconds")
+@click.option("--heartbeat", type=float, default=2.0, callback=_positive, help="seconds")
 @click.option("--hang-timeout", type=float, default=10.0, callback=_positive, help="seconds")
 @click.option("--start-timeout", type=float, default=120.0, callback=_positive, help="seconds")
 @click.option("--join-timeout", type=float, default=5.0, callback=_positive, help="seconds")

@@ -21,7 +21,7 @@ class WorkerSettings:
     busy_threshold: float = 10.0
     max_temp: float = 83.0
     on_pressure: str = "yield"
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 2.0
 
     def to_wire(self) -> dict[str, Any]:
         return {

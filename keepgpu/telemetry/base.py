@@ -60,18 +60,19 @@ class GpuSample:
         return max(0, self.mem_total_bytes - self.mem_used_bytes)
 
     def status_fields(self) -> dict[str, Any]:
-        """The fields that go into heartbeats and `status` (protocol names)."""
+        """The fields that go into heartbeats and `status` (protocol names); readings are
+        rounded to 2 decimals (more is noise, and 64 GPUs' worth of digits slows `status`)."""
         return {
             "uuid": self.uuid,
             "name": self.name,
-            "util_pct": self.util_pct,
-            "own_util_pct": self.own_util_pct,
+            "util_pct": _round(self.util_pct),
+            "own_util_pct": _round(self.own_util_pct),
             "mem_used_bytes": self.mem_used_bytes,
             "mem_total_bytes": self.mem_total_bytes,
-            "temp_c": self.temp_c,
-            "power_w": self.power_w,
+            "temp_c": _round(self.temp_c),
+            "power_w": _round(self.power_w),
             "pstate": self.pstate,
-            "sm_clock_mhz": self.sm_clock_mhz,
+            "sm_clock_mhz": _round(self.sm_clock_mhz),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,3 +91,7 @@ class Telemetry(Protocol):
     def sample(self, own_pids: Collection[int] = ()) -> GpuSample: ...
 
     def close(self) -> None: ...
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

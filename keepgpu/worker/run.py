@@ -198,7 +198,8 @@ class KeepLoop:
         fields = (self.sample or GpuSample()).status_fields()
         fields["duty_pct"] = round(self.engine.own_duty() * 100.0, 2)
         fields["duty_target_pct"] = round(self.decision.duty * 100.0, 2)
-        fields["others_util_pct"] = self.decision.others_util_pct
+        others = self.decision.others_util_pct
+        fields["others_util_pct"] = None if others is None else round(others, 2)
         fields["probing"] = self.decision.probing
         fields["telemetry_error"] = self.sample.error if self.sample else "no telemetry"
         return fields

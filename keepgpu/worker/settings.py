@@ -25,7 +25,7 @@ class Settings:
     busy_threshold: float = 10.0
     max_temp: float = 83.0
     on_pressure: str = "yield"
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 2.0
     device_entry: str = ""
     paused_s: float | None = None
     paused_forever: bool = False

@@ -250,3 +250,20 @@ def test_set_vram_above_total_is_refused_and_not_kept(sup):
     os.kill(old, 9)
     g = wait_until(lambda: (x := sup.gpus()[0])["state"] == "holding" and x["pid"] != old and x, 10)
     assert g["held_bytes"] == 1024**3, "the refused setting did not leak into the restart"
+
+
+def test_client_reuses_its_socket_and_skips_stale_replies(sup):
+    from keepgpu.client import Client, NoSupervisor
+
+    with Client(sup.endpoint, timeout=2) as client:
+        assert client.call("ping")["pid"] == sup.pid
+        first = client._sock
+        assert client.call("status")["gpus"]
+        assert client._sock is first, "one connection for many calls"
+        os.kill(sup.pid, 19)  # SIGSTOP: the next call times out
+        try:
+            with pytest.raises(NoSupervisor):
+                client.call("ping", timeout=0.3)
+        finally:
+            os.kill(sup.pid, 18)  # SIGCONT
+        assert client.call("ping")["pid"] == sup.pid, "a fresh socket after a timeout"
