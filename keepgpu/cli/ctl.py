@@ -212,8 +212,8 @@ def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
 
 @cli.command()
 @click.option("--ready", is_flag=True, required=True, help="wait until every GPU holds")
-@click.option("--wait-timeout", "wait_timeout", type=click.FloatRange(0, 86400), default=300.0,
-              help="give up after this many seconds (exit 1)")
+@click.option("--timeout", "--wait-timeout", "wait_timeout", type=click.FloatRange(0, 86400),
+              default=300.0, help="give up after this many seconds (exit 1, or 3 if no supervisor)")
 @click.pass_obj
 def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
     """Wait until every GPU is holding (exit 0), some failed (1) or all are fatal (4)."""

@@ -134,3 +134,19 @@ def test_json_logs_one_object_per_line_with_state_changes(start_sup):
     messages = [r["msg"] for r in records if r["logger"] == "keepgpu.supervisor"]
     assert any("state=holding" in m and "gpu=0" in m for m in messages)
     assert all({"ts", "level", "pid", "msg"} <= set(r) for r in records)
+
+
+def test_wait_ready_without_a_supervisor_gives_up_with_exit_3(base_env):
+    import time
+
+    t0 = time.monotonic()
+    out = run([*CTL, "--name", "absent", "wait", "--ready", "--timeout", "1"], base_env)
+    assert out.returncode == 3 and "no supervisor answering after 1s" in out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_wait_ready_reports_a_fatal_gpu_with_exit_1(start_sup):
+    sup = start_sup("--gpus", "0,1", "--heartbeat", "0.2",
+                    env={"KEEPGPU_FAKE_EXIT_CONFIG": "1:1"})
+    out = sup.ctl("wait", "--ready", "--timeout", "20")
+    assert out.returncode == 1 and "GPU(s) 1 fatal" in out.stderr

@@ -203,7 +203,7 @@ def test_ctl_commands_round_trip(sup):
     out = sup.ctl("stop", "--gpus", "1")
     assert out.returncode == 0 and "gpu 1: released" in out.stdout
     assert "gpu 1: started" in sup.ctl("start", "--gpus", "1").stdout
-    out = sup.ctl("wait", "--ready", "--wait-timeout", "10")
+    out = sup.ctl("wait", "--ready", "--timeout", "10")
     assert out.returncode == 0, out.stderr
 
 
