@@ -34,14 +34,13 @@ def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
 
 
 class Client:
-    """Requests over one DEALER socket, kept open between calls (one context, one connection,
-    one ZAP check). Every wait is bounded by `timeout` seconds. Not thread-safe: use one Client
-    per thread. `close()` (or a with-block) releases the socket."""
+    """Requests over one DEALER socket, kept open between calls (one connection, one ZAP
+    check), on the process-wide ZeroMQ context. Every wait is bounded by `timeout` seconds. Not
+    thread-safe: use one Client per thread. `close()` (or a with-block) closes the socket."""
 
     def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
 
     def __enter__(self) -> Client:
@@ -52,9 +51,9 @@ class Client:
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
-            if self._ctx is None:
-                self._ctx = zmq.Context()
-            sock = self._ctx.socket(zmq.DEALER)
+            # The shared context is never terminated by garbage collection, which could block
+            # on a socket not yet finalized; linger 0 makes every close immediate.
+            sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             sock.linger = 0
             sock.connect(self.endpoint)
             self._sock = sock
@@ -68,9 +67,6 @@ class Client:
 
     def close(self) -> None:
         self._drop_socket()
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:

@@ -139,7 +139,12 @@ class SlotLifecycle:
                 if code is not None:
                     self._on_exit(slot, code)
 
+    def _last_words(self, slot: Slot) -> None:
+        """Read what the worker sent before it died (its `error` message); the loop overrides."""
+
     def _on_exit(self, slot: Slot, code: int) -> None:
+        if code != 0 and slot.stop is None:
+            self._last_words(slot)
         now = self.clock()
         pid = slot.proc.pid if slot.proc else None
         slot.proc = None

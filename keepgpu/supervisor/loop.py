@@ -34,6 +34,7 @@ _HARD_MAX_MSG = 1024 * 1024
 _HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MAX_POLL_S = 5.0
 _HB_BATCH_S = 0.1
+_LAST_WORDS_S = 0.05
 
 
 @dataclass
@@ -191,6 +192,17 @@ class Supervisor(SlotLifecycle):
                 return
             handle(frames)
 
+    def _last_words(self, slot: Slot) -> None:
+        # A worker sends `error` and exits: the exit can be seen before the message is read.
+        # Wait a little (bounded) for it, so that status shows the worker's own words.
+        deadline = self.clock() + _LAST_WORDS_S
+        seen = slot.errors_seen
+        while True:
+            self._drain(self.workers, self._on_worker)
+            left = deadline - self.clock()
+            if slot.errors_seen != seen or left <= 0 or not self.workers.poll(int(left * 1000) + 1):
+                return
+
     def _drain_signals(self) -> None:
         try:
             data = os.read(self._sigr, 512)
@@ -229,6 +241,7 @@ class Supervisor(SlotLifecycle):
         now = self.clock()
         kind = msg["t"]
         if kind == "error":
+            slot.errors_seen += 1
             slot.error = str(msg.get("message", ""))[:1000]
             log.error("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
                       slot.incarnation, slot.error)

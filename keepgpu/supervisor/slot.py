@@ -63,6 +63,7 @@ class Slot:
     restart_at: float | None = None
     last_exit: dict[str, Any] | None = None
     error: str | None = None
+    errors_seen: int = 0  # `error` messages received, for the last-words wait
     stop: StopOp | None = None
     name: str | None = None
     held_bytes: int | None = None
