@@ -68,6 +68,10 @@ class Client:
     def close(self) -> None:
         self._drop_socket()
 
+    def __del__(self) -> None:
+        # A Client dropped without close() still closes its socket (no ResourceWarning).
+        self._drop_socket()
+
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:
         """Send `cmd` and return its result; raises NoSupervisor or CommandFailed."""

@@ -267,3 +267,19 @@ def test_client_reuses_its_socket_and_skips_stale_replies(sup):
         finally:
             os.kill(sup.pid, 18)  # SIGCONT
         assert client.call("ping")["pid"] == sup.pid, "a fresh socket after a timeout"
+
+
+def test_a_client_dropped_without_close_leaves_no_open_socket(sup):
+    import gc
+    import warnings
+
+    from keepgpu.client import Client
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client = Client(sup.endpoint)
+        assert client.call("ping")["pid"] == sup.pid
+        sock = client._sock
+        del client
+        gc.collect()
+    assert sock is not None and sock.closed
