@@ -75,8 +75,9 @@ def one_idle(gpus: int) -> dict[str, Any]:
     return {
         "label": f"{gpus} workers",
         "tool": "keepgpu",
-        "config": {"engine": "fake", "gpus": gpus, "heartbeat_s": 1.0, "window_s": WINDOW_S,
-                   "settle_s": SETTLE_S},
+        "config": {"engine": "fake", "gpus": gpus,
+                   "heartbeat_s": st["supervisor"]["config"]["heartbeat_s"],
+                   "window_s": WINDOW_S, "settle_s": SETTLE_S},
         "metrics": {
             "supervisor_cpu_pct_of_one_core": round(total_pct, 3),
             "supervisor_cpu_pct_per_second": summary(series["sup_cpu_pct"], 3),
