@@ -10,14 +10,16 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from keepgpu._version import __version__
 from keepgpu.cli.common import EXIT_CONFIG, EXIT_USAGE, Exit, fail, run_standalone, setup_logging
 from keepgpu.cli.detach import Reporter, daemonize, wait_for_daemon
+from keepgpu.protocol import defaults as d
 from keepgpu.protocol.control import MODES
 from keepgpu.protocol.runtime import (
     Paths,
@@ -33,12 +35,18 @@ from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
 from keepgpu.supervisor.loop import Supervisor
 
 log = logging.getLogger("keepgpu.supervisor")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise click.BadParameter(f"must be a positive number of seconds, not {value:g}")
     return value
+
+
+def _seconds(flag: str, default: float, help: str = "seconds") -> Callable[[_F], _F]:
+    """A positive duration option."""
+    return click.option(flag, type=float, default=default, callback=_positive, help=help)
 
 
 def _pct(lo: float) -> click.FloatRange:
@@ -66,22 +74,23 @@ def check_control(endpoint: str) -> str:
 
 @click.command(context_settings={"auto_envvar_prefix": "KEEPGPU", "show_default": True})
 @click.option("--gpus", default="all", help="all, ordinals (0,1) or GPU UUIDs, comma separated")
-@click.option("--vram", default="1GiB", help="VRAM to hold per GPU: 1GiB, 750MB, 20%, bytes")
-@click.option("--mode", type=click.Choice(MODES), default="duty", help="activity kind")
-@click.option("--target-util", type=_pct(1), default=30.0, help="utilization target, percent")
-@click.option("--busy-threshold", type=_pct(-1), default=10.0,
+@click.option("--vram", default=d.VRAM, help="VRAM to hold per GPU: 1GiB, 750MB, 20%, bytes")
+@click.option("--mode", type=click.Choice(MODES), default=d.MODE, help="activity kind")
+@click.option("--target-util", type=_pct(1), default=d.TARGET_UTIL,
+              help="utilization target, percent")
+@click.option("--busy-threshold", type=_pct(-1), default=d.BUSY_THRESHOLD,
               help="back off when other processes use more than this percent; -1 never")
-@click.option("--max-temp", type=click.FloatRange(1, 150), default=83.0, help="pause above, °C")
-@click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default="yield")
-@click.option("--heartbeat", type=float, default=2.0, callback=_positive, help="seconds")
-@click.option("--hang-timeout", type=float, default=10.0, callback=_positive, help="seconds")
-@click.option("--start-timeout", type=float, default=120.0, callback=_positive, help="seconds")
-@click.option("--join-timeout", type=float, default=5.0, callback=_positive, help="seconds")
-@click.option("--kill-timeout", type=float, default=5.0, callback=_positive, help="seconds")
-@click.option("--max-restarts", type=click.IntRange(0), default=5)
-@click.option("--restart-window", type=float, default=300.0, callback=_positive, help="seconds")
-@click.option("--restart-delay", type=float, default=1.0, callback=_positive,
-              help="first restart delay, doubling up to 60 s")
+@click.option("--max-temp", type=click.FloatRange(1, 150), default=d.MAX_TEMP,
+              help="pause above, °C")
+@click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=d.ON_PRESSURE)
+@_seconds("--heartbeat", d.HEARTBEAT_S)
+@_seconds("--hang-timeout", d.HANG_TIMEOUT_S)
+@_seconds("--start-timeout", d.START_TIMEOUT_S)
+@_seconds("--join-timeout", d.JOIN_TIMEOUT_S)
+@_seconds("--kill-timeout", d.KILL_TIMEOUT_S)
+@click.option("--max-restarts", type=click.IntRange(0), default=d.MAX_RESTARTS)
+@_seconds("--restart-window", d.RESTART_WINDOW_S)
+@_seconds("--restart-delay", d.RESTART_DELAY_S, "first restart delay, doubling up to 60 s")
 @click.option("--name", default="default", help="supervisor name (socket and lock names)")
 @click.option("--control", default=None, help="explicit control endpoint (tcp on loopback)")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto")
@@ -121,7 +130,7 @@ def cli(**opts: Any) -> int:
         max_restarts=opts["max_restarts"],
         restart_window_s=opts["restart_window"],
         restart_delay_s=opts["restart_delay"],
-        restart_delay_max_s=max(60.0, opts["restart_delay"]),
+        restart_delay_max_s=max(d.RESTART_DELAY_MAX_S, opts["restart_delay"]),
     )
     logging_opts = (opts["verbose"] - opts["quiet"], opts["log_format"], opts["log_file"])
     return serve(config, opts["detach"], *logging_opts)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepgpu.protocol.units import VramRequest
+from keepgpu.protocol import defaults as d
+from keepgpu.protocol.units import VramRequest, parse_vram
 
 ENGINES = ("auto", "cuda", "rocm", "mps", "cpu", "fake")
 
@@ -15,13 +16,13 @@ class WorkerSettings:
     """What each worker is told at spawn (and what `set` may change later)."""
 
     engine: str = "fake"
-    vram: VramRequest = field(default_factory=lambda: VramRequest(bytes=1024**3))
-    mode: str = "duty"
-    target_util: float = 30.0
-    busy_threshold: float = 10.0
-    max_temp: float = 83.0
-    on_pressure: str = "yield"
-    heartbeat_s: float = 2.0
+    vram: VramRequest = parse_vram(d.VRAM)
+    mode: str = d.MODE
+    target_util: float = d.TARGET_UTIL
+    busy_threshold: float = d.BUSY_THRESHOLD
+    max_temp: float = d.MAX_TEMP
+    on_pressure: str = d.ON_PRESSURE
+    heartbeat_s: float = d.HEARTBEAT_S
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -44,15 +45,15 @@ class SupervisorConfig:
     gpus: str = "all"
     control: str | None = None  # explicit tcp:// endpoint; None = ipc in the runtime dir
     worker: WorkerSettings = field(default_factory=WorkerSettings)
-    hang_timeout_s: float = 10.0
-    start_timeout_s: float = 120.0
-    join_timeout_s: float = 5.0
-    kill_timeout_s: float = 5.0
-    max_restarts: int = 5
-    restart_window_s: float = 300.0
-    restart_delay_s: float = 1.0
-    restart_delay_max_s: float = 60.0
-    healthy_reset_s: float = 60.0
+    hang_timeout_s: float = d.HANG_TIMEOUT_S
+    start_timeout_s: float = d.START_TIMEOUT_S
+    join_timeout_s: float = d.JOIN_TIMEOUT_S
+    kill_timeout_s: float = d.KILL_TIMEOUT_S
+    max_restarts: int = d.MAX_RESTARTS
+    restart_window_s: float = d.RESTART_WINDOW_S
+    restart_delay_s: float = d.RESTART_DELAY_S
+    restart_delay_max_s: float = d.RESTART_DELAY_MAX_S
+    healthy_reset_s: float = d.HEALTHY_RESET_S
 
     def public(self) -> dict[str, Any]:
         """The config as shown in `status` (protocol field supervisor.config)."""

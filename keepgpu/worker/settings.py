@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from keepgpu.protocol import defaults as d
 from keepgpu.protocol.control import MODES
 from keepgpu.protocol.units import VramRequest, parse_vram
 
@@ -19,13 +20,13 @@ _RANGES: dict[str, tuple[float, float]] = {
 @dataclass
 class Settings:
     engine: str = "fake"
-    vram: VramRequest = VramRequest(bytes=1024**3)
-    mode: str = "duty"
-    target_util: float = 30.0
-    busy_threshold: float = 10.0
-    max_temp: float = 83.0
-    on_pressure: str = "yield"
-    heartbeat_s: float = 2.0
+    vram: VramRequest = parse_vram(d.VRAM)
+    mode: str = d.MODE
+    target_util: float = d.TARGET_UTIL
+    busy_threshold: float = d.BUSY_THRESHOLD
+    max_temp: float = d.MAX_TEMP
+    on_pressure: str = d.ON_PRESSURE
+    heartbeat_s: float = d.HEARTBEAT_S
     device_entry: str = ""
     paused_s: float | None = None
     paused_forever: bool = False
