@@ -24,6 +24,8 @@ from keepgpu.supervisor.slot import LIVE_STATES, Slot, StopOp
 
 log = logging.getLogger("keepgpu.supervisor")
 
+#: Exit codes after which a worker has sent an `error` message (engine failure, configuration).
+LAST_WORDS_CODES = (1, 78)
 #: Worst case between a worker's exit and the supervisor noticing it when SIGCHLD was lost.
 SWEEP_S = 1.0
 
@@ -143,7 +145,7 @@ class SlotLifecycle:
         """Read what the worker sent before it died (its `error` message); the loop overrides."""
 
     def _on_exit(self, slot: Slot, code: int) -> None:
-        if code != 0 and slot.stop is None:
+        if code in LAST_WORDS_CODES and slot.stop is None:
             self._last_words(slot)
         now = self.clock()
         pid = slot.proc.pid if slot.proc else None
