@@ -34,7 +34,7 @@ _HARD_MAX_MSG = 1024 * 1024
 _HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MAX_POLL_S = 5.0
 _HB_BATCH_S = 0.1
-_LAST_WORDS_S = 0.05
+_LAST_WORDS_S = 0.2
 
 
 @dataclass
@@ -193,7 +193,8 @@ class Supervisor(SlotLifecycle):
             handle(frames)
 
     def _last_words(self, slot: Slot) -> None:
-        # A worker sends `error` and exits: the exit can be seen before the message is read.
+        # A worker sends `error` and exits (exit 1 or 78): the exit can be seen before the
+        # message is read.
         # Wait a little (bounded) for it, so that status shows the worker's own words.
         deadline = self.clock() + _LAST_WORDS_S
         seen = slot.errors_seen

@@ -35,6 +35,7 @@ from keepgpu.worker.settings import Settings
 log = logging.getLogger("keepgpu.worker")
 
 CONTROL_INTERVAL_S = 0.5
+FINAL_LINGER_MS = 500
 MAX_WAIT_S = 0.05  # stop and pause take effect within this
 PSTATE_PERIOD_S = 0.05  # ≤ 100 ms between pstate kernels keeps the clocks up
 PSTATE_PULSE_S = 0.0002
@@ -340,5 +341,7 @@ def main(argv: list[str]) -> int:
         sock.send(wire.encode("error", message=str(exc)), zmq.NOBLOCK)
         return 1
     finally:
-        sock.close(linger=0)
+        # Bounded linger: the last words (`error`, `stopped`) must leave before we exit, but a
+        # dead supervisor must not keep us here.
+        sock.close(linger=FINAL_LINGER_MS)
         ctx.term()

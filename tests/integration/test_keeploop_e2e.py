@@ -18,7 +18,7 @@ GiB = 1024**3
 MiB = 1024**2
 FAST = ("--gpus", "0", "--heartbeat", "0.2", "--vram", "1GiB")
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(60)
 
 Gpu = dict[str, Any]
 
@@ -29,7 +29,7 @@ def start(start_sup: Callable[..., Sup], scenario: str, *args: str) -> tuple[Sup
     return sup, first
 
 
-def wait_gpu(sup: Sup, pred: Callable[[Gpu], bool], timeout: float = 8.0) -> Gpu:
+def wait_gpu(sup: Sup, pred: Callable[[Gpu], bool], timeout: float = 15.0) -> Gpu:
     def check() -> Gpu | None:
         if sup.proc.poll() is not None:
             raise AssertionError(f"supervisor exited {sup.proc.returncode}:\n{sup.log()}")
@@ -37,7 +37,10 @@ def wait_gpu(sup: Sup, pred: Callable[[Gpu], bool], timeout: float = 8.0) -> Gpu
             g = sup.gpus()[0]
         except NoSupervisor:  # not listening yet
             return None
-        return g if pred(g) else None
+        try:
+            return g if pred(g) else None
+        except TypeError:  # a reading still null (no heartbeat since READY yet)
+            return None
 
     return wait_until(check, timeout)  # type: ignore[no-any-return]
 
