@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from keepgpu._version import __version__
-from keepgpu.cli.common import EXIT_CONFIG, EXIT_USAGE, Exit, fail, run_standalone, setup_logging
+from keepgpu.cli.common import EXIT_CONFIG, Exit, fail, run_standalone, setup_logging
 from keepgpu.cli.detach import Reporter, daemonize, wait_for_daemon
 from keepgpu.protocol import defaults as d
 from keepgpu.protocol.control import MODES
@@ -230,4 +230,4 @@ def main() -> None:
 if __name__ == "__main__":  # pragma: no cover
     main()
 
-__all__ = ["EXIT_USAGE", "main", "serve"]
+__all__ = ["main", "serve"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from keepgpu.protocol.control import ProtocolError, Request
 from keepgpu.protocol.units import parse_vram
-from keepgpu.supervisor.slot import DONE_STATES, RUNNING_STATES, Slot
+from keepgpu.supervisor.slot import RUNNING_STATES, Slot
 
 if TYPE_CHECKING:
     from keepgpu.supervisor.loop import Supervisor
@@ -136,4 +136,4 @@ COMMANDS: dict[str, Handler] = {
     "set": cmd_set,
 }
 
-__all__ = ["COMMANDS", "DONE_STATES", "resolve"]
+__all__ = ["COMMANDS", "resolve"]
