@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from keepgpu.protocol import defaults as d
 from keepgpu.protocol.control import MODES
-from keepgpu.protocol.units import VramRequest, parse_vram
+from keepgpu.protocol.settings import WorkerSettings
+from keepgpu.protocol.units import parse_vram
 
 _CHOICES: dict[str, tuple[str, ...]] = {"mode": MODES, "on_pressure": ("yield", "hold")}
 _RANGES: dict[str, tuple[float, float]] = {
@@ -18,15 +18,10 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 
 @dataclass
-class Settings:
-    engine: str = "fake"
-    vram: VramRequest = parse_vram(d.VRAM)
-    mode: str = d.MODE
-    target_util: float = d.TARGET_UTIL
-    busy_threshold: float = d.BUSY_THRESHOLD
-    max_temp: float = d.MAX_TEMP
-    on_pressure: str = d.ON_PRESSURE
-    heartbeat_s: float = d.HEARTBEAT_S
+class Settings(WorkerSettings):
+    """The spawn settings plus what only the worker needs: its device entry and a pause
+    carried over from its predecessor."""
+
     device_entry: str = ""
     paused_s: float | None = None
     paused_forever: bool = False
