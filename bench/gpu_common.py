@@ -135,6 +135,16 @@ def require_module(what: str, module: str, hint: str) -> None:
         fail(what, f"python module {module!r} is not importable: {hint}")
 
 
+def preflight(what: str, index: int, with_peer: bool) -> Gpu:
+    """Every GPU benchmark's checks before it measures: the GPU, pyzmq, and keep-gpu when
+    KeepGPU is among the tools. Exits 2 with one line when something is missing."""
+    gpu = require_gpu(what, index)
+    if with_peer:
+        require_module(what, "keep_gpu", "bring the keep-gpu 1.0.0 wheel (bench/README.md)")
+    require_module(what, "zmq", "bring the pyzmq wheel (bench/README.md)")
+    return gpu
+
+
 # ---- sampling ---------------------------------------------------------------------------------
 
 FIELDS = ("t", "util", "mem_used", "power_w", "sm_mhz", "pstate", "temp_c")

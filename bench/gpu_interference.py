@@ -28,7 +28,7 @@ from gpu_common import (
     device_info,
     keepgpu,
     peer,
-    require_gpu,
+    preflight,
     require_module,
     wait_idle,
 )
@@ -146,9 +146,7 @@ def main() -> None:
     p.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
     args = p.parse_args()
     started = utc_now()
-    gpu = require_gpu("gpu_interference", args.gpu)
-    require_module("gpu_interference", "keep_gpu", "bring the keep-gpu 1.0.0 wheel")
-    require_module("gpu_interference", "zmq", "bring the pyzmq wheel (bench/README.md)")
+    gpu = preflight("gpu_interference", args.gpu, with_peer=True)
     require_module("gpu_interference", "torch", "the workload needs torch with CUDA")
     sampler = Sampler(gpu, 4.0)
     sampler.start()

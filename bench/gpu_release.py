@@ -22,8 +22,7 @@ from gpu_common import (
     device_info,
     keepgpu,
     peer,
-    require_gpu,
-    require_module,
+    preflight,
     wait_idle,
     wait_mem,
 )
@@ -109,11 +108,8 @@ def main() -> None:
     p.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
     args = p.parse_args()
     started = utc_now()
-    gpu = require_gpu("gpu_release", args.gpu)
     tools_wanted = [t for t in TOOLS if t in args.tools.split(",")]
-    if "KeepGPU" in tools_wanted:
-        require_module("gpu_release", "keep_gpu", "bring the keep-gpu 1.0.0 wheel")
-    require_module("gpu_release", "zmq", "bring the pyzmq wheel (bench/README.md)")
+    gpu = preflight("gpu_release", args.gpu, "KeepGPU" in tools_wanted)
     sizes = {"1GiB": GIB, "50%": gpu.mem_total_bytes // 2}
     tools = []
     for tool in tools_wanted:

@@ -26,8 +26,7 @@ from gpu_common import (
     idle_context,
     keepgpu,
     peer,
-    require_gpu,
-    require_module,
+    preflight,
     wait_idle,
     wait_mem,
 )
@@ -159,10 +158,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     started = utc_now()
-    gpu = require_gpu("gpu_signal", args.gpu)
-    if any(CONFIGS[n][0] == "KeepGPU" for n in names):
-        require_module("gpu_signal", "keep_gpu", "bring the keep-gpu 1.0.0 wheel (bench/README.md)")
-    require_module("gpu_signal", "zmq", "bring the pyzmq wheel (bench/README.md)")
+    gpu = preflight("gpu_signal", args.gpu, any(CONFIGS[n][0] == "KeepGPU" for n in names))
     sampler = Sampler(gpu, args.hz)
     sampler.start()
     tools = [baseline(gpu, sampler, args.baseline_seconds)]

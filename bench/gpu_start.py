@@ -18,8 +18,7 @@ from gpu_common import (
     device_info,
     keepgpu,
     peer,
-    require_gpu,
-    require_module,
+    preflight,
     wait_idle,
 )
 
@@ -79,11 +78,8 @@ def main() -> None:
     p.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
     args = p.parse_args()
     started = utc_now()
-    gpu = require_gpu("gpu_start", args.gpu)
     wanted = [t for t in TOOLS if t in args.tools.split(",")]
-    if "KeepGPU" in wanted:
-        require_module("gpu_start", "keep_gpu", "bring the keep-gpu 1.0.0 wheel")
-    require_module("gpu_start", "zmq", "bring the pyzmq wheel (bench/README.md)")
+    gpu = preflight("gpu_start", args.gpu, "KeepGPU" in wanted)
     tools = [run_tool(gpu, tool, args.reps) for tool in wanted]
     notes = [
         "start_to_holding_s: spawn -> NVML used memory up by >= 97 % of 1 GiB (both tools); "
