@@ -65,7 +65,7 @@ def _import_amdsmi() -> Any:
     except ImportError as exc:
         raise TelemetryUnavailable(
             "AMD SMI unavailable: the amdsmi Python package is not installed "
-            "(install the one matching your ROCm, e.g. pip install keepgpu[rocm])"
+            "(install the one of your ROCm: pip install 'keepgpu[rocm6]' or 'keepgpu[rocm7]')"
         ) from exc
     except (KeyError, OSError) as exc:
         said = " ".join(chatter.getvalue().split())

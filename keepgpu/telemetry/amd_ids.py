@@ -31,10 +31,11 @@ def uuid_from_hip(hex_text: str) -> str | None:
     """ROCr's ``GPU-<16 hex>`` from the UUID torch/HIP reports on ROCm, else None.
 
     `hex_text` is torch's ``str(get_device_properties(i).uuid)`` (32 hex digits, dashes
-    optional, any case). Returns None when those bytes are not 16 ASCII hex digits: a real
-    binary UUID (NVIDIA), or a GPU without a unique id (ROCr then reports ``GPU-XX``).
+    optional, any case, a ``GPU-`` prefix tolerated). Returns None when those bytes are not 16
+    ASCII hex digits: a real binary UUID (NVIDIA), or a GPU without a unique id (ROCr then
+    reports ``GPU-XX``).
     """
-    digits = hex_text.strip().lower().replace("-", "")
+    digits = hex_text.strip().lower().removeprefix("gpu-").replace("-", "")
     if len(digits) != 32 or not set(digits) <= _HEX:
         return None
     text = bytes.fromhex(digits).decode("ascii", errors="replace")

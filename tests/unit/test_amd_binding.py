@@ -65,6 +65,7 @@ def test_uuid_from_hip_decodes_what_torch_prints_on_rocm() -> None:
     assert uuid_from_hip("62623061-6333-3262-3163-326336343461") == "GPU-bb0ac32b1c2c644a"
     assert uuid_from_hip("62623061633332623163326336343461".upper()) == "GPU-bb0ac32b1c2c644a"
     assert uuid_from_hip(hip_torch_uuid(GPU0.unique_id)) == GPU0.rocr_id
+    assert uuid_from_hip("GPU-" + hip_torch_uuid(GPU0.unique_id)) == GPU0.rocr_id
     # A real binary UUID (NVIDIA), ROCr's "GPU-XX" (no unique id), junk: not the ROCm form.
     assert uuid_from_hip("8932f937-d72c-4106-c12f-20bd9faed9f6") is None
     assert uuid_from_hip(b"XX".hex() + "00" * 14) is None
