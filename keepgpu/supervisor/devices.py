@@ -82,6 +82,60 @@ def _vendor_visible(
     return Visible(vendor, engine, [str(d.index) for d in listed], [d.uuid for d in listed])
 
 
+# One AMD GPU as device selection sees it: (worker entry, amdsmi UUID, ROCr "GPU-<16 hex>").
+_AmdRow = tuple[str, str | None, str | None]
+
+
+def _amd_visible(env: Mapping[str, str], lister: Lister) -> Visible:
+    """AMD GPUs the user's job allows: ROCr's list, narrowed by ROCR_VISIBLE_DEVICES, then by
+    HIP_VISIBLE_DEVICES (or, when that is unset, CUDA_VISIBLE_DEVICES, which HIP also reads):
+    HIP's indices count the list left after ROCr's. Slurm sets either, depending on its config.
+
+    Entries are what a worker's ROCR_VISIBLE_DEVICES takes with the HIP lists removed: ROCr's
+    "GPU-<16 hex>" where it names one device, else the device's ROCr ordinal.
+    """
+    try:
+        listed: list[DeviceInfo] | None = lister("amd")
+    except TelemetryUnavailable:
+        listed = None
+    rows: list[_AmdRow] | None = None  # None: no listing, so the full list is unknown
+    if listed is not None:
+        ids = [d.runtime_id for d in listed]
+        rows = [(d.runtime_id if d.runtime_id and ids.count(d.runtime_id) == 1 else str(d.index),
+                 d.uuid, d.runtime_id) for d in listed]
+    hip_key = next((k for k in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES") if k in env), None)
+    for key in ("ROCR_VISIBLE_DEVICES", hip_key):
+        wanted = _env_list(env, key) if key else None
+        if wanted is not None:
+            rows = _narrow(rows, wanted)
+    if rows is None:
+        raise ConfigError(
+            "cannot list amd GPUs: the vendor library is unavailable and ROCR_VISIBLE_DEVICES "
+            "is unset"
+        )
+    return Visible("amd", "rocm", [r[0] for r in rows], [r[1] for r in rows])
+
+
+def _narrow(rows: list[_AmdRow] | None, wanted: list[str]) -> list[_AmdRow]:
+    """The rows a *_VISIBLE_DEVICES list selects: ordinals into `rows`, or UUIDs. Like the
+    runtimes, stop at the first entry that names nothing (or, for a UUID that partitions
+    share, more than one). `rows` None (no listing): take the entries as they are."""
+    if rows is None:
+        return [(e, e if e.lower().startswith("gpu-") else None, None) for e in wanted]
+    out: list[_AmdRow] = []
+    for item in wanted:
+        if item.isdigit():
+            if int(item) >= len(rows):
+                break
+            out.append(rows[int(item)])
+            continue
+        match = [r for r in rows if item.lower() in {(x or "").lower() for x in r}]
+        if len(match) != 1:
+            break
+        out.append(match[0])
+    return out
+
+
 def _fake_visible(env: Mapping[str, str]) -> Visible:
     from keepgpu.telemetry.fake import fake_device_uuid
 
@@ -113,15 +167,16 @@ def visible_devices(
     if engine == "cuda":
         return _vendor_visible("nvidia", "cuda", env, lister, "CUDA_VISIBLE_DEVICES")
     if engine == "rocm":
-        return _vendor_visible("amd", "rocm", env, lister, "ROCR_VISIBLE_DEVICES")
+        return _amd_visible(env, lister)
     if engine != "auto":
         raise ConfigError(f"unknown engine {engine!r}")
     reasons = []
     for vendor, concrete in (("nvidia", "cuda"), ("amd", "rocm")):
         try:
             if lister(vendor):
-                key = "CUDA_VISIBLE_DEVICES" if vendor == "nvidia" else "ROCR_VISIBLE_DEVICES"
-                return _vendor_visible(vendor, concrete, env, lister, key)
+                if vendor == "amd":
+                    return _amd_visible(env, lister)
+                return _vendor_visible(vendor, concrete, env, lister, "CUDA_VISIBLE_DEVICES")
             reasons.append(f"{vendor}: no devices")
         except TelemetryUnavailable as exc:
             reasons.append(f"{vendor}: {exc}")

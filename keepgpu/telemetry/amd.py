@@ -6,7 +6,14 @@ Every vendor call goes through one funnel, `_Funnel.call`: "not supported"/"no d
 become None, a function this amdsmi lacks is logged once, other AMD SMI errors become None plus
 an `error` string on the sample.
 
-Tests set `_amdsmi` (the binding every call is looked up on) to a stub module.
+Identity: the supervisor passes amdsmi's UUID (or ROCr's ``GPU-<16 hex>``); torch's hex form is
+decoded by `uuid_from_hip` (see keepgpu.telemetry.amd_ids for the three spellings).
+Versions: the PyPI wrapper is plain ctypes over whatever libamd_smi.so is installed, with no
+check of its own; a 7.x wrapper over a ROCm 6 library reads mismatched structs (garbage or a
+crash), so the first open compares the wrapper's version with ROCm's and refuses a mismatch.
+
+Tests set `_amdsmi` (the binding every call is looked up on) to a fake module
+(tests/fakes/fake_amdsmi.py) that mirrors the real package's API.
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-import psutil
-
+from keepgpu.telemetry.amd_ids import rocr_form, rocr_from_amdsmi, uuid_from_hip
+from keepgpu.telemetry.amd_procs import kfd_pids, process_uid
+from keepgpu.telemetry.amd_version import check_versions
 from keepgpu.telemetry.base import DeviceInfo, GpuProcess, GpuSample, TelemetryUnavailable
+
+__all__ = ["AmdTelemetry", "list_devices", "uuid_from_hip"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,8 @@ _STATUS_NOT_YET_IMPLEMENTED = 3
 _STATUS_NO_DATA = 40
 _ABSENT_STATUSES = frozenset({_STATUS_NOT_SUPPORTED, _STATUS_NOT_YET_IMPLEMENTED, _STATUS_NO_DATA})
 
-# amdsmi reports VRAM in MiB (the C library divides bytes by 1024*1024).
+# amdsmi_get_gpu_vram_usage reports MiB (the C library divides bytes by 1024*1024, rounding
+# down); amdsmi_get_gpu_memory_total/usage give bytes and are preferred.
 _MIB = 1024 * 1024
 
 _init_lock = threading.Lock()
@@ -54,7 +65,7 @@ def _import_amdsmi() -> Any:
     except ImportError as exc:
         raise TelemetryUnavailable(
             "AMD SMI unavailable: the amdsmi Python package is not installed "
-            "(install the one matching your ROCm, e.g. pip install keepgpu[rocm])"
+            "(install the one of your ROCm: pip install 'keepgpu[rocm6]' or 'keepgpu[rocm7]')"
         ) from exc
     except (KeyError, OSError) as exc:
         said = " ".join(chatter.getvalue().split())
@@ -84,6 +95,7 @@ def _amd_init() -> Any:
     binding = _binding()
     with _init_lock:
         if _init_count == 0:
+            check_versions(binding)
             try:
                 binding.amdsmi_init()
             except binding.AmdSmiException as exc:
@@ -123,20 +135,24 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def _process_uid(pid: int) -> int | None:
-    """Real uid of `pid` in this PID namespace; None when it cannot be seen (gone, container)."""
-    try:
-        return int(psutil.Process(pid).uids().real)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
+def _ids(funnel: _Funnel, handle: Any) -> tuple[str | None, str | None]:
+    """(amdsmi UUID, ROCr "GPU-<16 hex>") of one handle; either may be unknown.
 
-
-def _norm_id(text: str) -> str:
-    """Compare UUIDs as amdsmi ("xxxxxxxx-...") and ROCr ("GPU-<hex>") spell them."""
-    text = text.strip().lower()
-    for prefix in ("gpu-", "0x"):
-        text = text.removeprefix(prefix)
-    return text.replace("-", "")
+    ROCr's id comes from the enumeration info's hip_uuid (amdsmi >= 6.4), else it is read back
+    out of the amdsmi UUID, else from the asic serial (both carry the same 64-bit unique id).
+    """
+    uuid = funnel.call("amdsmi_get_gpu_device_uuid", handle)
+    uuid = uuid.strip().lower() if isinstance(uuid, str) and uuid.strip() else None
+    enum = funnel.call("amdsmi_get_gpu_enumeration_info", handle)
+    hip = enum.get("hip_uuid") if isinstance(enum, Mapping) else None
+    rocr = rocr_form(hip) if isinstance(hip, str) else None
+    if rocr is None and uuid is not None:
+        rocr = rocr_from_amdsmi(uuid)
+    if rocr is None:
+        asic = funnel.call("amdsmi_get_gpu_asic_info", handle)
+        serial = asic.get("asic_serial") if isinstance(asic, Mapping) else None
+        rocr = rocr_form(serial) if isinstance(serial, str) else None
+    return uuid, rocr
 
 
 class _Funnel:
@@ -181,10 +197,12 @@ class _Funnel:
 class AmdTelemetry:
     """Telemetry of one AMD GPU through AMD SMI, opened by UUID.
 
-    The UUID may be amdsmi's own (amdsmi_get_gpu_device_uuid) or ROCr's "GPU-<unique id>".
-    Raises TelemetryUnavailable when amdsmi is missing or cannot init, or no GPU matches.
-    Per-process utilization is derived from each process's cumulative GFX engine time, so the
-    first sample has none (util None) and later ones cover the time since the previous sample.
+    The UUID may be amdsmi's own (amdsmi_get_gpu_device_uuid), ROCr's "GPU-<unique id>", or
+    torch's hex of it (decoded by `uuid_from_hip`).
+    Raises TelemetryUnavailable when amdsmi is missing, mismatches ROCm, cannot init, or no GPU
+    matches. Per-process utilization is unknown (None) for KFD (ROCm compute) processes, whose
+    HIP work amdsmi cannot see, so the worker judges others' load by its quiet probe; for other
+    processes it is derived from their cumulative GFX engine time (none on the first sample).
     AMD SMI has no "GPU lost" status: a vanished device shows as `error`, not `lost`.
     """
 
@@ -211,14 +229,27 @@ class AmdTelemetry:
         self._prev_at_s: float | None = None
 
     def _find(self, uuid: str) -> Any:
-        wanted = _norm_id(uuid)
+        """The handle whose amdsmi UUID is `uuid`, else the one ROCr id `uuid` stands for.
+
+        Partitions of one GPU (CPX mode) share ROCr's id: that form must name exactly one.
+        """
+        exact = uuid.strip().lower()
+        wanted = rocr_form(exact)
         handles = self._funnel.call("amdsmi_get_processor_handles") or []
+        by_rocr = []
         for handle in handles:
-            asic = self._funnel.call("amdsmi_get_gpu_asic_info", handle)
-            ids = [self._funnel.call("amdsmi_get_gpu_device_uuid", handle),
-                   asic.get("asic_serial") if isinstance(asic, Mapping) else None]
-            if any(isinstance(i, str) and i and _norm_id(i) == wanted for i in ids):
+            amdsmi_uuid, rocr = _ids(self._funnel, handle)
+            if amdsmi_uuid == exact:
                 return handle
+            if wanted is not None and rocr == wanted:
+                by_rocr.append(handle)
+        if len(by_rocr) == 1:
+            return by_rocr[0]
+        if by_rocr:
+            raise TelemetryUnavailable(
+                f"AMD GPU id {uuid} ({wanted}) names {len(by_rocr)} AMD SMI devices "
+                "(partitions of one GPU): give the amdsmi UUID instead"
+            )
         raise TelemetryUnavailable(
             f"no AMD GPU with UUID {uuid} visible to AMD SMI ({len(handles)} GPU(s) seen)"
         )
@@ -245,12 +276,7 @@ class AmdTelemetry:
         call = self._funnel.call
         activity = call("amdsmi_get_gpu_activity", self._handle)
         util = _number(activity.get("gfx_activity")) if isinstance(activity, Mapping) else None
-        vram = call("amdsmi_get_gpu_vram_usage", self._handle)
-        used = total = None
-        if isinstance(vram, Mapping):
-            used_mib, total_mib = _number(vram.get("vram_used")), _number(vram.get("vram_total"))
-            used = None if used_mib is None else int(used_mib) * _MIB
-            total = None if total_mib is None else int(total_mib) * _MIB
+        used, total = self._memory()
         clock = call("amdsmi_get_clock_info", self._handle, self._binding.AmdSmiClkType.GFX)
         processes = self._processes()
         own_util = None
@@ -273,6 +299,24 @@ class AmdTelemetry:
             extra={} if processes is None else {
                 "own_pid_visible": any(p.pid in own for p in processes)},
         )
+
+    def _memory(self) -> tuple[int | None, int | None]:
+        """(used, total) VRAM in bytes: exact byte counts where this amdsmi has them, else
+        vram_usage's MiB (used rounds down there, so free would read up to 1 MiB high)."""
+        kind = getattr(self._binding, "AmdSmiMemoryType", None)
+        if kind is not None:
+            total = _number(self._funnel.call("amdsmi_get_gpu_memory_total", self._handle,
+                                              kind.VRAM))
+            used = _number(self._funnel.call("amdsmi_get_gpu_memory_usage", self._handle,
+                                             kind.VRAM))
+            if total is not None and used is not None:
+                return int(used), int(total)
+        vram = self._funnel.call("amdsmi_get_gpu_vram_usage", self._handle)
+        if not isinstance(vram, Mapping):
+            return None, None
+        used_mib, total_mib = _number(vram.get("vram_used")), _number(vram.get("vram_total"))
+        return (None if used_mib is None else int(used_mib) * _MIB,
+                None if total_mib is None else int(total_mib) * _MIB)
 
     def _temperature(self) -> float | None:
         """Edge temperature in degrees C; hotspot (junction) where there is no edge sensor."""
@@ -303,6 +347,7 @@ class AmdTelemetry:
         now = self._clock()
         elapsed_ns = None if self._prev_at_s is None else (now - self._prev_at_s) * 1e9
         gfx_ns: dict[int, int] = {}
+        kfd = kfd_pids()  # None: cannot tell, so every process may be a blind KFD one
         result = []
         for item in found:
             info = item if isinstance(item, Mapping) else self._funnel.call(
@@ -313,7 +358,7 @@ class AmdTelemetry:
             engine = info.get("engine_usage")
             busy = _number(engine.get("gfx")) if isinstance(engine, Mapping) else None
             util = None  # unknown until a second sample gives a baseline
-            if busy is not None:
+            if busy is not None and kfd is not None and pid not in kfd:
                 gfx_ns[pid] = int(busy)
                 if elapsed_ns and pid in self._prev_gfx_ns:
                     delta = max(0, int(busy) - self._prev_gfx_ns[pid])
@@ -323,33 +368,58 @@ class AmdTelemetry:
             if vram is None:
                 vram = _number(info.get("mem"))
             result.append(GpuProcess(pid=pid, used_bytes=None if vram is None else int(vram),
-                                     util_pct=util, uid=_process_uid(pid)))
+                                     util_pct=util, uid=process_uid(pid)))
         self._prev_gfx_ns, self._prev_at_s = gfx_ns, now
         return tuple(result)
 
 
 def list_devices() -> list[DeviceInfo]:
-    """AMD GPUs in AMD SMI order (mem_total_bytes in bytes).
+    """AMD GPUs in ROCr's enumeration order (what ROCR_VISIBLE_DEVICES indices count).
 
-    Raises TelemetryUnavailable when amdsmi is missing or cannot initialise.
+    `index` is the HIP/ROCr ordinal from amdsmi's enumeration info where every device has one,
+    else the AMD SMI position; `uuid` is amdsmi's UUID; `runtime_id` ROCr's "GPU-<16 hex>";
+    mem_total_bytes in bytes. Raises TelemetryUnavailable when amdsmi is missing, mismatches
+    ROCm or cannot initialise.
     """
     _amd_init()
     try:
         funnel = _Funnel()
+        handles = funnel.call("amdsmi_get_processor_handles") or []
+        rows = [(handle, *_ids(funnel, handle)) for handle in handles]
+        hip_ids = [_hip_id(funnel, handle) for handle in handles]
+        order = [i for i in hip_ids if i is not None]
+        if sorted(order) != list(range(len(handles))):
+            log.debug("AMD SMI gives no complete HIP ordering (%s): AMD SMI order used", hip_ids)
+            order = list(range(len(handles)))
         devices = []
-        for index, handle in enumerate(funnel.call("amdsmi_get_processor_handles") or []):
-            uuid = funnel.call("amdsmi_get_gpu_device_uuid", handle)
-            if not isinstance(uuid, str) or not uuid:
+        for index, (handle, uuid, rocr) in sorted(zip(order, rows, strict=True)):
+            if uuid is None and rocr is None:
                 log.warning("AMD GPU %d skipped: no UUID", index)
                 continue
             asic = funnel.call("amdsmi_get_gpu_asic_info", handle)
-            vram = funnel.call("amdsmi_get_gpu_vram_usage", handle)
             name = asic.get("market_name") if isinstance(asic, Mapping) else None
-            total = _number(vram.get("vram_total")) if isinstance(vram, Mapping) else None
             devices.append(DeviceInfo(
-                index=index, uuid=uuid, name=None if name in (None, "N/A") else str(name),
-                mem_total_bytes=None if total is None else int(total) * _MIB,
+                index=index, uuid=uuid or str(rocr),
+                name=None if name in (None, "", "N/A") else str(name),
+                mem_total_bytes=_total_bytes(funnel, handle), runtime_id=rocr,
             ))
         return devices
     finally:
         _amd_shutdown()
+
+
+def _hip_id(funnel: _Funnel, handle: Any) -> int | None:
+    enum = funnel.call("amdsmi_get_gpu_enumeration_info", handle)
+    value = enum.get("hip_id") if isinstance(enum, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _total_bytes(funnel: _Funnel, handle: Any) -> int | None:
+    kind = getattr(_binding(), "AmdSmiMemoryType", None)
+    if kind is not None:
+        total = _number(funnel.call("amdsmi_get_gpu_memory_total", handle, kind.VRAM))
+        if total is not None:
+            return int(total)
+    vram = funnel.call("amdsmi_get_gpu_vram_usage", handle)
+    total_mib = _number(vram.get("vram_total")) if isinstance(vram, Mapping) else None
+    return None if total_mib is None else int(total_mib) * _MIB

@@ -22,6 +22,9 @@ class DeviceInfo:
     uuid: str
     name: str | None = None
     mem_total_bytes: int | None = None
+    #: The id the vendor runtime takes in its *_VISIBLE_DEVICES when it differs from `uuid`
+    #: (AMD: ROCr's "GPU-<16 hex>"); None when there is none or it is `uuid` itself.
+    runtime_id: str | None = None
 
 
 @dataclass(frozen=True)
