@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pynvml
 
-from keepgpu.telemetry.base import DeviceInfo, GpuProcess, GpuSample, TelemetryUnavailable
+from keepgpu.telemetry.base import GpuProcess, GpuSample, TelemetryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -368,76 +368,3 @@ def process_uid(pid: int) -> int | None:
         return int(psutil.Process(pid).uids().real)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-
-
-def list_devices() -> list[DeviceInfo]:
-    """NVIDIA devices in NVML order (PCI bus order, not CUDA's default FASTEST_FIRST order).
-
-    A GPU with MIG enabled is not listed itself (CUDA cannot use it whole): its MIG instances
-    are, each with its own `MIG-...` UUID, its own memory and `parent_uuid` set. mem_total_bytes
-    in bytes. Devices NVML cannot open are skipped with a warning. Raises TelemetryUnavailable
-    when NVML cannot be initialised.
-    """
-    _nvml_init()
-    try:
-        try:
-            count = int(_nvml.nvmlDeviceGetCount())
-        except pynvml.NVMLError as exc:
-            raise TelemetryUnavailable(f"NVML cannot count devices: {exc}") from exc
-        funnel = _Funnel()
-        devices: list[DeviceInfo] = []
-        for index in range(count):
-            try:
-                handle = _nvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = _text(_nvml.nvmlDeviceGetUUID(handle))
-                if uuid is None:
-                    continue
-                if _mig_enabled(funnel, handle):
-                    devices.extend(_mig_instances(funnel, index, handle, uuid))
-                    continue
-                devices.append(_describe(funnel, index, handle, uuid, None))
-            except pynvml.NVMLError as exc:
-                log.warning("NVML device %d skipped: %s", index, exc)
-            except _GpuLost:
-                log.warning("NVML device %d skipped: gpu lost", index)
-        return devices
-    finally:
-        _nvml_shutdown()
-
-
-def _mig_enabled(funnel: _Funnel, handle: Any) -> bool:
-    """MIG mode is on now (the current mode; a pending change needs a GPU reset first).
-    NotSupported (no MIG on this GPU) and a binding without MIG calls give False."""
-    mode = funnel.call("nvmlDeviceGetMigMode", handle)
-    return mode is not None and int(mode[0]) == pynvml.NVML_DEVICE_MIG_ENABLE
-
-
-def _mig_instances(funnel: _Funnel, index: int, parent: Any, parent_uuid: str) -> list[DeviceInfo]:
-    """The MIG devices of a MIG-enabled GPU. Slots run 0..nvmlDeviceGetMaxMigDeviceCount-1 and
-    may be empty (NotFound), e.g. after an instance in the middle was destroyed."""
-    slots = funnel.call("nvmlDeviceGetMaxMigDeviceCount", parent)
-    found = []
-    for slot in range(int(slots or 0)):
-        mig = funnel.call("nvmlDeviceGetMigDeviceHandleByIndex", parent, slot)
-        if mig is None:
-            continue
-        uuid = _text(funnel.call("nvmlDeviceGetUUID", mig))
-        if uuid is None:
-            log.warning("NVML MIG device %d/%d skipped: no UUID", index, slot)
-            continue
-        found.append(_describe(funnel, index, mig, uuid, parent_uuid))
-    if not found:
-        log.warning("NVML device %d (%s) has MIG enabled but no MIG instance: nothing to hold",
-                    index, parent_uuid)
-    return found
-
-
-def _describe(
-    funnel: _Funnel, index: int, handle: Any, uuid: str, parent_uuid: str | None
-) -> DeviceInfo:
-    """One listed device; on a MIG handle the memory is the instance's own."""
-    name = _text(funnel.call("nvmlDeviceGetName", handle))
-    mem = funnel.call("nvmlDeviceGetMemoryInfo", handle)
-    total = None if mem is None else int(mem.total)
-    return DeviceInfo(index=index, uuid=uuid, name=name, mem_total_bytes=total,
-                      parent_uuid=parent_uuid)

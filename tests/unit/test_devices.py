@@ -88,7 +88,7 @@ def test_all_and_order_kept():
 
 def _mig_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU 0 whole; GPU 1 MIG-enabled with two instances."""
-    from fakes.fake_pynvml import GiB, FakeGpu, install
+    from fakes.fake_pynvml import FakeGpu, GiB, install
 
     parent = FakeGpu("GPU-parent")
     parent.add_mig("MIG-aaaa", mem_total=10 * GiB, mem_used=0)

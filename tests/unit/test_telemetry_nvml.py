@@ -15,7 +15,7 @@ import pytest
 from fakes.fake_pynvml import FakeGpu, FakeNvml
 from fakes.fake_pynvml import install as install_fake
 
-from keepgpu.telemetry import nvml
+from keepgpu.telemetry import nvml, nvml_list
 from keepgpu.telemetry.base import TelemetryUnavailable
 from keepgpu.telemetry.null import NullTelemetry
 from keepgpu.telemetry.open import list_devices, open_telemetry
@@ -450,7 +450,7 @@ def test_init_failure_is_unavailable(install: Any) -> None:
     with pytest.raises(TelemetryUnavailable, match="NVML unavailable"):
         nvml.NvmlTelemetry(UUID)
     with pytest.raises(TelemetryUnavailable):
-        nvml.list_devices()
+        nvml_list.list_devices()
 
 
 def test_init_is_reference_counted(install: Any) -> None:
@@ -463,7 +463,7 @@ def test_init_is_reference_counted(install: Any) -> None:
     assert b.sample().util_pct == 30.0
     b.close()
     assert stub.shutdowns == 1
-    assert nvml.list_devices()[0].uuid == UUID
+    assert nvml_list.list_devices()[0].uuid == UUID
     assert (stub.inits, stub.shutdowns) == (2, 2)
 
 
@@ -518,7 +518,7 @@ def test_real_binding_without_driver_is_unavailable(monkeypatch: pytest.MonkeyPa
         # A GPU machine: a UUID no device has is still refused cleanly.
         with pytest.raises(TelemetryUnavailable, match="no NVIDIA device"):
             nvml.NvmlTelemetry("GPU-00000000-0000-0000-0000-000000000000")
-        assert all(d.uuid for d in nvml.list_devices())
+        assert all(d.uuid for d in nvml_list.list_devices())
         return
     with pytest.raises(TelemetryUnavailable, match="NVML unavailable"):
         nvml.NvmlTelemetry("GPU-00000000-0000-0000-0000-000000000000")
@@ -531,7 +531,7 @@ def test_import_has_no_side_effects() -> None:
     code = (
         "import sys, pynvml\n"
         "import keepgpu.telemetry, keepgpu.telemetry.nvml, keepgpu.telemetry.amd\n"
-        "import keepgpu.telemetry.fake, keepgpu.telemetry.open\n"
+        "import keepgpu.telemetry.fake, keepgpu.telemetry.open, keepgpu.telemetry.nvml_list\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'amdsmi' not in sys.modules, 'amdsmi imported'\n"
         "assert pynvml.nvmlLib is None, 'NVML loaded at import'\n"
