@@ -69,6 +69,9 @@ def _vendor_visible(
         # Index entries are the runtime's ordinals; they match the vendor library's order only
         # under PCI bus ordering, else the worker reports its UUID once it is up.
         trust = vendor == "amd" or env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+        # With MIG on any GPU, CUDA numbers the MIG instances among the devices: its ordinals
+        # then follow no NVML index (MIG-<uuid> entries still name their instance).
+        trust = trust and not any(d.parent_uuid for d in listed or [])
         by_index = {str(d.index): d.uuid for d in listed or []} if trust else {}
         uuids = [e if e.startswith(("GPU-", "MIG-")) else by_index.get(e) for e in from_env]
         return Visible(vendor, engine, from_env, uuids)
@@ -77,7 +80,8 @@ def _vendor_visible(
             f"cannot list {vendor} GPUs: the vendor library is unavailable and {env_key} is unset"
         )
     if vendor == "nvidia":
-        # Pin by UUID: exact whatever CUDA's ordering; ordinals follow nvidia-smi.
+        # Pin by UUID: exact whatever CUDA's ordering; ordinals follow nvidia-smi. MIG
+        # instances come listed as devices of their own (MIG-... UUIDs), never their parent.
         return Visible(vendor, engine, [d.uuid for d in listed], [d.uuid for d in listed])
     return Visible(vendor, engine, [str(d.index) for d in listed], [d.uuid for d in listed])
 

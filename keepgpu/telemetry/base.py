@@ -25,6 +25,9 @@ class DeviceInfo:
     #: The id the vendor runtime takes in its *_VISIBLE_DEVICES when it differs from `uuid`
     #: (AMD: ROCr's "GPU-<16 hex>"); None when there is none or it is `uuid` itself.
     runtime_id: str | None = None
+    # The MIG-enabled GPU this MIG instance lives on; None for a whole GPU. A MIG instance's
+    # `index` is its parent's (CUDA ordinals do not map onto MIG instances: pin by UUID).
+    parent_uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class GpuSample:
     own_util_pct: float | None = None
     mem_used_bytes: int | None = None
     mem_total_bytes: int | None = None
+    # Free bytes as the vendor counts them (NVML v2 `free` leaves out driver-reserved memory,
+    # which total - used would count as free); None where the backend does not report it.
+    mem_free_reported_bytes: int | None = None
     temp_c: float | None = None
     power_w: float | None = None
     pstate: str | None = None
@@ -58,6 +64,9 @@ class GpuSample:
 
     @property
     def mem_free_bytes(self) -> int | None:
+        """Free bytes: the vendor's own count when reported, else total - used."""
+        if self.mem_free_reported_bytes is not None:
+            return self.mem_free_reported_bytes
         if self.mem_used_bytes is None or self.mem_total_bytes is None:
             return None
         return max(0, self.mem_total_bytes - self.mem_used_bytes)

@@ -5,12 +5,14 @@ None, logs a function the driver lacks once, turns NVML_ERROR_GPU_IS_LOST into a
 any other NVML error into None plus an `error` string on the sample. Nothing happens at import
 time: `import pynvml` works without a driver; NVML is initialised by the first open.
 
-Tests replace `_nvml` (the binding every call is looked up on) with a stub raising real
+Tests replace `_nvml` (the binding every call is looked up on) with a fake pynvml
+(tests/fakes/fake_pynvml.py) that returns the real ctypes structs and raises the real
 `pynvml.NVMLError_*` exceptions.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,15 +23,28 @@ from typing import Any
 import psutil
 import pynvml
 
-from keepgpu.telemetry.base import DeviceInfo, GpuProcess, GpuSample, TelemetryUnavailable
+from keepgpu.telemetry.base import GpuProcess, GpuSample, TelemetryUnavailable
 
 log = logging.getLogger(__name__)
 
 #: The NVML binding every call is looked up on (tests swap in a stub).
 _nvml: Any = pynvml
 
-# Per-process samples older than this are stale: the process is not running kernels now.
-_PROCESS_WINDOW_US = 1_000_000
+# A pid's newest per-process sample counts as its load for this long. NVML stamps each pid's
+# samples on its own schedule (gaps of seconds between pids are seen), so "nothing new for this
+# pid since the last read" does not mean it went idle; a pid with no sample this recent did.
+_PROCESS_HOLD_US = 5_000_000
+
+# PROC_PID_INIT_INO (linux include/linux/proc_ns.h): the inode of the initial PID namespace,
+# fixed since Linux 3.8. NVML reports pids as the driver sees them, in that namespace.
+_INIT_PID_NS_INO = 0xEFFFFFFC
+
+# pynvml's throwOnVersionMismatch raises this (not an NVMLError) from unversioned calls such as
+# nvmlDeviceGetComputeRunningProcesses when the driver lacks the version the binding wants;
+# older bindings do not have it.
+_LibraryMismatch: type[Exception] = getattr(
+    pynvml, "NVMLLibraryMismatchError", pynvml.NVMLError_FunctionNotFound
+)
 
 _init_lock = threading.Lock()
 _init_count = 0
@@ -117,7 +132,8 @@ class _Funnel:
             return if_not_found
         except pynvml.NVMLError_NotSupported:
             return None
-        except (pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_ArgumentVersionMismatch):
+        except (pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_ArgumentVersionMismatch,
+                _LibraryMismatch):
             self._note_missing(key, "the driver does not provide it")
             return None
         except pynvml.NVMLError as exc:
@@ -169,7 +185,9 @@ class NvmlTelemetry:
         except BaseException:
             _nvml_shutdown()
             raise
-        self._last_seen_us = _now_us() - _PROCESS_WINDOW_US
+        # pid -> (timestamp µs, smUtil %) of its newest per-process sample: "last seen" is
+        # tracked per pid because NVML's timestamps differ per pid.
+        self._seen: dict[int, tuple[int, float]] = {}
 
     @staticmethod
     def _open_handle(uuid: str) -> Any:
@@ -213,18 +231,19 @@ class NvmlTelemetry:
         call = self._funnel.call
         util = None if self._mig else call("nvmlDeviceGetUtilizationRates", self._handle)
         per_pid = self._process_util()
-        mem_used, mem_total = self._memory()
-        processes = self._processes(per_pid)
+        mem_used, mem_total, mem_free = self._memory()
+        host_pids = in_initial_pid_namespace()
+        processes = self._processes(per_pid, host_pids)
         power_mw = call("nvmlDeviceGetPowerUsage", self._board)
         clock = call("nvmlDeviceGetClockInfo", self._board, pynvml.NVML_CLOCK_SM)
         own_util = None
-        if per_pid is not None:
+        if per_pid is not None and host_pids:
             own_util = min(100.0, sum(u for pid, u in per_pid.items() if pid in own))
         extra: dict[str, Any] = {"mig": True} if self._mig else {}
         if processes is not None:
-            # False with own work running hints at a PID namespace (container): NVML shows host
-            # PIDs, so per-process utilization cannot be attributed here.
-            extra["own_pid_visible"] = any(p.pid in own for p in processes)
+            # In a PID namespace of our own (container) NVML's pids are the host's: a match
+            # with one of ours may be another process (a collision), so nothing is attributed.
+            extra["own_pid_visible"] = host_pids and any(p.pid in own for p in processes)
         return GpuSample(
             uuid=self.uuid,
             name=self.name,
@@ -232,6 +251,7 @@ class NvmlTelemetry:
             own_util_pct=own_util,
             mem_used_bytes=mem_used,
             mem_total_bytes=mem_total,
+            mem_free_reported_bytes=mem_free,
             temp_c=self._temperature(),
             power_w=None if power_mw is None else float(power_mw) / 1000.0,
             pstate=self._pstate(),
@@ -242,27 +262,32 @@ class NvmlTelemetry:
         )
 
     def _process_util(self) -> dict[int, float] | None:
-        """SM utilization (%) per PID from the latest per-process sample; None = unsupported.
+        """SM utilization (%) per PID: each pid's newest sample of the last _PROCESS_HOLD_US
+        (timestamps are CPU µs); None = unsupported (and on MIG, which has none).
 
-        NotFound means no process ran a kernel since the last read: an empty dict (all 0 %).
+        NVML returns the samples newer than the timestamp passed. That one timestamp is the hold
+        horizon, not the newest sample seen: a pid stamped earlier than another pid's newest
+        sample would otherwise never be returned, and would read 0. NotFound (or pynvml's
+        NVMLError(SUCCESS)) = no sample that recent: nothing ran, an empty dict.
         """
         if self._mig:
             return None
-        since = max(self._last_seen_us, _now_us() - _PROCESS_WINDOW_US)
-        samples = self._funnel.call("nvmlDeviceGetProcessUtilization", self._handle, since,
+        horizon = _now_us() - _PROCESS_HOLD_US
+        samples = self._funnel.call("nvmlDeviceGetProcessUtilization", self._handle, horizon,
                                     if_not_found=[])
         if samples is None:
             return None
-        latest: dict[int, tuple[int, float]] = {}
         for s in samples:
             ts, pid = int(s.timeStamp), int(s.pid)
-            if pid not in latest or ts >= latest[pid][0]:
-                latest[pid] = (ts, max(0.0, min(100.0, float(s.smUtil))))
-            self._last_seen_us = max(self._last_seen_us, ts)
-        return {pid: util for pid, (_, util) in latest.items()}
+            seen = self._seen.get(pid)
+            if seen is None or ts >= seen[0]:
+                self._seen[pid] = (ts, max(0.0, min(100.0, float(s.smUtil))))
+        self._seen = {pid: seen for pid, seen in self._seen.items() if seen[0] > horizon}
+        return {pid: util for pid, (_, util) in self._seen.items()}
 
-    def _memory(self) -> tuple[int | None, int | None]:
-        """(used, total) bytes; the v2 query (used excludes driver-reserved memory) first."""
+    def _memory(self) -> tuple[int | None, int | None, int | None]:
+        """(used, total, free) bytes; the v2 query first (its used and free both leave out the
+        driver-reserved memory), v1 where the driver or binding has no v2."""
         version = getattr(_nvml, "nvmlMemory_v2", None)
         info = None
         if version is not None:
@@ -271,11 +296,18 @@ class NvmlTelemetry:
         if info is None:
             info = self._funnel.call("nvmlDeviceGetMemoryInfo", self._handle)
         if info is None:
-            return None, None
-        return int(info.used), int(info.total)
+            return None, None, None
+        return int(info.used), int(info.total), int(info.free)
 
-    def _processes(self, per_pid: dict[int, float] | None) -> tuple[GpuProcess, ...] | None:
-        """Compute processes with their memory (bytes), SM utilization (%) and real uid."""
+    def _processes(
+        self, per_pid: dict[int, float] | None, host_pids: bool
+    ) -> tuple[GpuProcess, ...] | None:
+        """Compute processes with their memory (bytes), SM utilization (%) and real uid.
+
+        The uid is looked up only when our pids are the driver's (`host_pids`): in a container
+        a host pid can name an unrelated local process, so its owner stays None (unknown,
+        which the pressure rule treats as another user's).
+        """
         found = self._funnel.call("nvmlDeviceGetComputeRunningProcesses", self._handle)
         if found is None:
             return None
@@ -287,7 +319,7 @@ class NvmlTelemetry:
                 pid=pid,
                 used_bytes=None if used is None else int(used),
                 util_pct=None if per_pid is None else per_pid.get(pid, 0.0),
-                uid=process_uid(pid),
+                uid=process_uid(pid) if host_pids else None,
             ))
         return tuple(result)
 
@@ -316,45 +348,23 @@ class NvmlTelemetry:
         return None if value is None else float(value)
 
 
+@functools.cache
+def in_initial_pid_namespace() -> bool:
+    """True when this process lives in the initial PID namespace, where NVML's pids are ours.
+
+    Checked by the inode of /proc/self/ns/pid (PROC_PID_INIT_INO). Comparing with
+    /proc/1/ns/pid would not do: in a container pid 1 is the container's init. False when it
+    cannot be read (the safe side: owners unknown).
+    """
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS_INO
+    except OSError:
+        return False
+
+
 def process_uid(pid: int) -> int | None:
     """Real uid of `pid` in this PID namespace; None when it cannot be seen (gone, container)."""
     try:
         return int(psutil.Process(pid).uids().real)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-
-
-def list_devices() -> list[DeviceInfo]:
-    """NVIDIA devices in NVML order (PCI bus order, not CUDA's default FASTEST_FIRST order).
-
-    mem_total_bytes in bytes. Devices NVML cannot open are skipped with a warning.
-    Raises TelemetryUnavailable when NVML cannot be initialised.
-    """
-    _nvml_init()
-    try:
-        try:
-            count = int(_nvml.nvmlDeviceGetCount())
-        except pynvml.NVMLError as exc:
-            raise TelemetryUnavailable(f"NVML cannot count devices: {exc}") from exc
-        funnel = _Funnel()
-        devices = []
-        for index in range(count):
-            try:
-                handle = _nvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = _text(_nvml.nvmlDeviceGetUUID(handle))
-            except pynvml.NVMLError as exc:
-                log.warning("NVML device %d skipped: %s", index, exc)
-                continue
-            if uuid is None:
-                continue
-            try:
-                name = _text(funnel.call("nvmlDeviceGetName", handle))
-                mem = funnel.call("nvmlDeviceGetMemoryInfo", handle)
-            except _GpuLost:
-                log.warning("NVML device %d (%s) skipped: gpu lost", index, uuid)
-                continue
-            total = None if mem is None else int(mem.total)
-            devices.append(DeviceInfo(index=index, uuid=uuid, name=name, mem_total_bytes=total))
-        return devices
-    finally:
-        _nvml_shutdown()

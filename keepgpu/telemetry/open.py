@@ -40,9 +40,9 @@ def list_devices(vendor: str) -> list[DeviceInfo]:
     Raises TelemetryUnavailable when that library is missing; ValueError for an unknown vendor.
     """
     if vendor == "nvidia":
-        from keepgpu.telemetry import nvml
+        from keepgpu.telemetry import nvml_list
 
-        return nvml.list_devices()
+        return nvml_list.list_devices()
     if vendor == "amd":
         from keepgpu.telemetry import amd
 

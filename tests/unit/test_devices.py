@@ -81,3 +81,40 @@ def test_all_and_order_kept():
     vis = visible_devices("cuda", env={}, lister=nvml_two)
     assert [d.gpu for d in select("all", vis)] == [0, 1]
     assert [d.gpu for d in select("1,0", vis)] == [1, 0]
+
+
+# --- MIG, through the real NVML lister over a fake pynvml ----------------------------------------
+
+
+def _mig_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU 0 whole; GPU 1 MIG-enabled with two instances."""
+    from fakes.fake_pynvml import FakeGpu, GiB, install
+
+    parent = FakeGpu("GPU-parent")
+    parent.add_mig("MIG-aaaa", mem_total=10 * GiB, mem_used=0)
+    parent.add_mig("MIG-bbbb", mem_total=20 * GiB, mem_used=0)
+    install(monkeypatch, FakeGpu("GPU-whole"), parent)
+
+
+def test_mig_instances_are_devices_pinned_by_mig_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: only GPU-parent was listed, and a worker pinned to it cannot hold it (MIG on)."""
+    from keepgpu.supervisor.procs import worker_env
+
+    _mig_node(monkeypatch)
+    vis = visible_devices("cuda", env={})  # the default lister: NVML
+    assert vis.entries == ["GPU-whole", "MIG-aaaa", "MIG-bbbb"]
+    assert vis.uuids == vis.entries
+    devs = select("2", vis)
+    assert [(d.gpu, d.entry, d.uuid) for d in devs] == [(2, "MIG-bbbb", "MIG-bbbb")]
+    assert worker_env({}, vis.vendor, devs[0].entry)["CUDA_VISIBLE_DEVICES"] == "MIG-bbbb"
+    assert select("MIG-aaaa", vis)[0].gpu == 1
+    with pytest.raises(ConfigError, match="unknown GPU id"):
+        select("GPU-parent", vis)
+
+
+def test_ordinals_are_not_mapped_to_uuids_when_mig_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA counts MIG instances among its devices, so ordinal 1 is no NVML index 1."""
+    _mig_node(monkeypatch)
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,MIG-bbbb", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    vis = visible_devices("cuda", env=env)
+    assert vis.uuids == [None, None, "MIG-bbbb"]

@@ -1,189 +1,70 @@
-"""NVML adapter against a stub binding with named scenarios (real pynvml exception classes)."""
+"""NVML adapter against a fake pynvml (tests/fakes/fake_pynvml.py): real structs, real
+NVMLError subclasses, per-pid timestamps, MIG, as nvidia-ml-py and NVML's docs show them."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pynvml
 import pytest
+from fakes.fake_pynvml import FakeGpu, FakeNvml
+from fakes.fake_pynvml import install as install_fake
 
-from keepgpu.telemetry import nvml
+from keepgpu.telemetry import nvml, nvml_list
 from keepgpu.telemetry.base import TelemetryUnavailable
 from keepgpu.telemetry.null import NullTelemetry
 from keepgpu.telemetry.open import list_devices, open_telemetry
+from keepgpu.worker.policy import PressureRule, attributed_others
 
 GiB = 1024**3
+MiB = 1024**2
 NOW_US = 1_700_000_000_000_000
+SECOND_US = 1_000_000
 OTHER_PID = 4_200_001  # above PID_MAX_LIMIT: never a real process
 ME = os.getpid()
 
-
-def err(code: int) -> pynvml.NVMLError:
-    """A real pynvml exception (NVMLError(code) returns the matching subclass)."""
-    return pynvml.NVMLError(code)
-
-
 NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
 NOT_FOUND = pynvml.NVML_ERROR_NOT_FOUND
-LOST = pynvml.NVML_ERROR_GPU_IS_LOST
 UNKNOWN = pynvml.NVML_ERROR_UNKNOWN
 NO_FUNCTION = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
-
-
-@dataclass
-class StubGpu:
-    """One device of the stub binding. `fail[name]` = error code raised by that function, or a
-    list of codes/None consumed one per call."""
-
-    uuid: str
-    name: str = "NVIDIA H100 80GB HBM3"
-    util: int = 30
-    mem_used: int = 10 * GiB
-    mem_total: int = 80 * GiB
-    temp: int = 45
-    power_mw: int = 123_456
-    pstate: int = 0
-    sm_clock: int = 1980
-    procs: list[tuple[int, int | None]] = field(default_factory=lambda: [(ME, 2 * GiB)])
-    samples: list[tuple[int, int, int]] = field(default_factory=list)  # pid, ts_us, smUtil
-    mig: bool = False
-    parent: StubGpu | None = None
-    lost: bool = False
-    fail: dict[str, Any] = field(default_factory=dict)
-
-
-class StubNvml:
-    """The slice of pynvml that keepgpu.telemetry.nvml uses, over StubGpu devices."""
-
-    nvmlMemory_v2 = pynvml.nvmlMemory_v2
-
-    def __init__(
-        self, *gpus: StubGpu, init_error: int | None = None, absent: frozenset[str] = frozenset()
-    ) -> None:
-        self.absent = absent  # functions this "older nvidia-ml-py" does not have
-        self.gpus = list(gpus)
-        self.init_error = init_error
-        self.inits = 0
-        self.shutdowns = 0
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in object.__getattribute__(self, "absent"):
-            raise AttributeError(name)
-        return object.__getattribute__(self, name)
-
-    def nvmlInit(self) -> None:
-        if self.init_error is not None:
-            raise err(self.init_error)
-        self.inits += 1
-
-    def nvmlShutdown(self) -> None:
-        self.shutdowns += 1
-
-    def _dev(self, fn: str, gpu: StubGpu, *args: Any) -> StubGpu:
-        self.calls.append((fn, args))
-        if gpu.lost:
-            raise err(LOST)
-        code = gpu.fail.get(fn)
-        if isinstance(code, list):
-            code = code.pop(0) if code else None
-        if code is not None:
-            raise err(code)
-        return gpu
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> StubGpu:
-        return self._dev("nvmlDeviceGetHandleByIndex", self.gpus[index])
-
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> StubGpu:
-        for gpu in self.gpus:
-            if gpu.uuid == uuid:
-                return gpu
-        raise err(NOT_FOUND)
-
-    def nvmlDeviceGetUUID(self, h: StubGpu) -> str:
-        return self._dev("nvmlDeviceGetUUID", h).uuid
-
-    def nvmlDeviceGetName(self, h: StubGpu) -> str:
-        return self._dev("nvmlDeviceGetName", h).name
-
-    def nvmlDeviceIsMigDeviceHandle(self, h: StubGpu) -> int:
-        return int(self._dev("nvmlDeviceIsMigDeviceHandle", h).mig)
-
-    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h: StubGpu) -> StubGpu:
-        parent = self._dev("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", h).parent
-        assert parent is not None
-        return parent
-
-    def nvmlDeviceGetUtilizationRates(self, h: StubGpu) -> Any:
-        return SimpleNamespace(gpu=self._dev("nvmlDeviceGetUtilizationRates", h).util, memory=3)
-
-    def nvmlDeviceGetProcessUtilization(self, h: StubGpu, since: int) -> list[Any]:
-        gpu = self._dev("nvmlDeviceGetProcessUtilization", h, since)
-        found = [SimpleNamespace(pid=p, timeStamp=ts, smUtil=u, memUtil=0)
-                 for p, ts, u in gpu.samples if ts > since]
-        if not found:
-            raise err(NOT_FOUND)
-        return found
-
-    def nvmlDeviceGetMemoryInfo(self, h: StubGpu, version: int | None = None) -> Any:
-        fn = "nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo"
-        gpu = self._dev(fn, h)
-        return SimpleNamespace(used=gpu.mem_used, total=gpu.mem_total,
-                               free=gpu.mem_total - gpu.mem_used)
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: StubGpu) -> list[Any]:
-        gpu = self._dev("nvmlDeviceGetComputeRunningProcesses", h)
-        return [SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in gpu.procs]
-
-    def nvmlDeviceGetTemperatureV(self, h: StubGpu, sensor: int) -> int:
-        assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        return self._dev("nvmlDeviceGetTemperatureV", h).temp
-
-    def nvmlDeviceGetTemperature(self, h: StubGpu, sensor: int) -> int:
-        assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        return self._dev("nvmlDeviceGetTemperature", h).temp
-
-    def nvmlDeviceGetTemperatureThreshold(self, h: StubGpu, kind: int) -> int:
-        assert kind == pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
-        self._dev("nvmlDeviceGetTemperatureThreshold", h)
-        return 87
-
-    def nvmlDeviceGetPowerUsage(self, h: StubGpu) -> int:
-        return self._dev("nvmlDeviceGetPowerUsage", h).power_mw
-
-    def nvmlDeviceGetPerformanceState(self, h: StubGpu) -> int:
-        return self._dev("nvmlDeviceGetPerformanceState", h).pstate
-
-    def nvmlDeviceGetClockInfo(self, h: StubGpu, kind: int) -> int:
-        assert kind == pynvml.NVML_CLOCK_SM
-        return self._dev("nvmlDeviceGetClockInfo", h).sm_clock
-
-    def count(self, fn: str) -> int:
-        return sum(1 for name, _ in self.calls if name == fn)
-
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
 
 
-@pytest.fixture
-def install(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Put a stub binding in place of pynvml for nvml.py (fresh init count, fixed wall clock)."""
-    monkeypatch.setattr(nvml, "_init_count", 0)
-    monkeypatch.setattr(nvml, "_now_us", lambda: NOW_US)
+def with_me(uuid: str, **kw: Any) -> FakeGpu:
+    """A GPU with this process on it (2 GiB)."""
+    kw.setdefault("procs", [(ME, 2 * GiB)])
+    return FakeGpu(uuid, **kw)
 
-    def _install(*gpus: StubGpu, **kwargs: Any) -> StubNvml:
-        stub = StubNvml(*gpus, **kwargs)
-        monkeypatch.setattr(nvml, "_nvml", stub)
-        return stub
+
+class Clock:
+    """The wall clock nvml.py reads for per-process sample horizons (µs), moved by hand."""
+
+    def __init__(self) -> None:
+        self.us = NOW_US
+
+    def __call__(self) -> int:
+        return self.us
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(nvml, "_now_us", c)
+    return c
+
+
+@pytest.fixture
+def install(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Any:
+    """Put a fake binding in place of pynvml for nvml.py (fresh init count, fixed wall clock)."""
+
+    def _install(*gpus: FakeGpu, **kwargs: Any) -> FakeNvml:
+        return install_fake(monkeypatch, *gpus, **kwargs)
 
     return _install
 
@@ -192,7 +73,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_normal_gpu_fills_every_field(install: Any) -> None:
-    gpu = StubGpu(UUID, procs=[(ME, 2 * GiB), (OTHER_PID, 3 * GiB)],
+    gpu = with_me(UUID, procs=[(ME, 2 * GiB), (OTHER_PID, 3 * GiB)],
                   samples=[(ME, NOW_US - 10, 20), (OTHER_PID, NOW_US - 5, 40)])
     install(gpu)
     with nvml.NvmlTelemetry(UUID) as tel:
@@ -215,7 +96,7 @@ def test_normal_gpu_fills_every_field(install: Any) -> None:
 
 
 def test_own_pids_sum_and_latest_sample_per_pid_wins(install: Any) -> None:
-    gpu = StubGpu(UUID, procs=[(11, 1), (12, 1), (OTHER_PID, 1)],
+    gpu = with_me(UUID, procs=[(11, 1), (12, 1), (OTHER_PID, 1)],
                   samples=[(11, NOW_US - 900, 90), (11, NOW_US - 100, 10), (12, NOW_US - 50, 15),
                            (OTHER_PID, NOW_US - 10, 50)])
     install(gpu)
@@ -225,22 +106,63 @@ def test_own_pids_sum_and_latest_sample_per_pid_wins(install: Any) -> None:
     assert s.extra["own_pid_visible"] is True
 
 
-def test_last_timestamp_is_kept_and_not_found_means_zero(install: Any) -> None:
-    gpu = StubGpu(UUID, samples=[(ME, NOW_US - 300, 30), (ME, NOW_US - 200, 35)])
-    stub = install(gpu)
+def test_not_found_means_zero_and_old_samples_do_not_count(install: Any, clock: Clock) -> None:
+    gpu = with_me(UUID, samples=[(ME, NOW_US - 300, 30), (ME, NOW_US - 200, 35)])
+    fake = install(gpu)
     tel = nvml.NvmlTelemetry(UUID)
-    assert tel.sample().own_util_pct == 35.0
-    # Nothing newer than the last seen sample: NVML answers NotFound = nothing ran.
+    assert tel.sample().own_util_pct == 35.0  # the newest sample of the pid
+    clock.us += 6 * SECOND_US  # past the hold: nothing newer -> NVML answers NotFound
     s = tel.sample()
-    since = [args[0] for name, args in stub.calls if name == "nvmlDeviceGetProcessUtilization"]
-    assert since == [NOW_US - 1_000_000, NOW_US - 200]
+    since = [args[0] for name, args in fake.calls if name == "nvmlDeviceGetProcessUtilization"]
+    assert since == [NOW_US - nvml._PROCESS_HOLD_US, clock.us - nvml._PROCESS_HOLD_US]
     assert s.own_util_pct == 0.0
     assert s.processes is not None and s.processes[0].util_pct == 0.0
     assert s.error is None
 
 
+# --- item 8: per-process samples are stamped per pid -------------------------------------------
+
+
+def test_other_pids_load_is_seen_on_every_tick_despite_per_pid_timestamps(
+    install: Any, clock: Clock
+) -> None:
+    """NVML stamps each pid on its own schedule. Before: one shared "last seen" (the newest
+    timestamp of any pid) was passed on, so pid B, stamped earlier than A, read 0 on the next
+    tick and its late-stamped sample was never returned."""
+    a, b = OTHER_PID, OTHER_PID + 1
+    gpu = with_me(UUID, procs=[(ME, GiB), (a, GiB), (b, GiB)],
+                  samples=[(a, NOW_US - 100_000, 10), (b, NOW_US - 300_000, 60)])
+    install(gpu)
+    tel = nvml.NvmlTelemetry(UUID)
+    first = tel.sample()
+    clock.us += 500_000
+    # A gets its next sample; B's next one is stamped before A's previous one.
+    gpu.samples += [(a, clock.us - 100_000, 10), (b, NOW_US - 200_000, 70)]
+    second = tel.sample()
+    clock.us += 500_000
+    gpu.samples.append((a, clock.us - 100_000, 10))  # nothing new from B this tick
+    third = tel.sample()
+    loads = [{p.pid: p.util_pct for p in s.processes or ()} for s in (first, second, third)]
+    assert loads == [{ME: 0.0, a: 10.0, b: 60.0}, {ME: 0.0, a: 10.0, b: 70.0},
+                     {ME: 0.0, a: 10.0, b: 70.0}]
+    assert [attributed_others(s, {ME}) for s in (first, second, third)] == [70.0, 80.0, 80.0]
+
+
+def test_a_pid_without_samples_for_the_hold_time_reads_idle(install: Any, clock: Clock) -> None:
+    gpu = with_me(UUID, procs=[(ME, GiB), (OTHER_PID, GiB)],
+                  samples=[(OTHER_PID, NOW_US - 10, 90)])
+    install(gpu)
+    tel = nvml.NvmlTelemetry(UUID)
+    assert tel.sample().processes[1].util_pct == 90.0  # type: ignore[index]
+    clock.us += nvml._PROCESS_HOLD_US - 1000
+    assert tel.sample().processes[1].util_pct == 90.0  # type: ignore[index]
+    clock.us += 2000
+    assert tel.sample().processes[1].util_pct == 0.0  # type: ignore[index]
+    assert tel._seen == {}  # forgotten, not kept forever
+
+
 def test_per_process_unsupported_gives_none_not_zero(install: Any) -> None:
-    install(StubGpu(UUID, fail={"nvmlDeviceGetProcessUtilization": NOT_SUPPORTED}))
+    install(with_me(UUID, fail={"nvmlDeviceGetProcessUtilization": NOT_SUPPORTED}))
     s = nvml.NvmlTelemetry(UUID).sample()
     assert s.own_util_pct is None
     assert s.processes is not None and s.processes[0].util_pct is None
@@ -249,7 +171,7 @@ def test_per_process_unsupported_gives_none_not_zero(install: Any) -> None:
 
 def test_success_with_no_entries_means_nothing_ran(install: Any) -> None:
     # pynvml raises NVMLError(NVML_SUCCESS) when the sized query finds zero samples.
-    install(StubGpu(UUID, fail={"nvmlDeviceGetProcessUtilization": pynvml.NVML_SUCCESS}))
+    install(with_me(UUID, empty_samples_ret=pynvml.NVML_SUCCESS))
     s = nvml.NvmlTelemetry(UUID).sample()
     assert s.own_util_pct == 0.0 and s.error is None
 
@@ -258,7 +180,7 @@ def test_success_with_no_entries_means_nothing_ran(install: Any) -> None:
 
 
 def test_power_and_temperature_not_supported_are_null(install: Any) -> None:
-    install(StubGpu(UUID, fail={"nvmlDeviceGetPowerUsage": NOT_SUPPORTED,
+    install(with_me(UUID, fail={"nvmlDeviceGetPowerUsage": NOT_SUPPORTED,
                                 "nvmlDeviceGetTemperatureV": NOT_SUPPORTED}))
     s = nvml.NvmlTelemetry(UUID).sample()
     assert s.power_w is None and s.temp_c is None
@@ -269,7 +191,7 @@ def test_power_and_temperature_not_supported_are_null(install: Any) -> None:
 def test_missing_function_falls_back_and_is_logged_once(
     install: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    stub = install(StubGpu(UUID, fail={"nvmlDeviceGetTemperatureV": NO_FUNCTION,
+    stub = install(with_me(UUID, fail={"nvmlDeviceGetTemperatureV": NO_FUNCTION,
                                        "nvmlDeviceGetMemoryInfo_v2": NO_FUNCTION}))
     tel = nvml.NvmlTelemetry(UUID)
     with caplog.at_level(logging.INFO, logger=nvml.__name__):
@@ -285,7 +207,7 @@ def test_missing_function_falls_back_and_is_logged_once(
 
 
 def test_function_absent_from_binding_is_null(install: Any) -> None:
-    install(StubGpu(UUID), absent=frozenset({"nvmlDeviceGetClockInfo", "nvmlMemory_v2"}))
+    install(with_me(UUID), absent=frozenset({"nvmlDeviceGetClockInfo", "nvmlMemory_v2"}))
     s = nvml.NvmlTelemetry(UUID).sample()
     assert s.sm_clock_mhz is None and s.error is None
     assert s.util_pct == 30.0
@@ -293,7 +215,7 @@ def test_function_absent_from_binding_is_null(install: Any) -> None:
 
 
 def test_unknown_pstate_is_null(install: Any) -> None:
-    install(StubGpu(UUID, pstate=pynvml.NVML_PSTATE_UNKNOWN))
+    install(with_me(UUID, pstate=pynvml.NVML_PSTATE_UNKNOWN))
     assert nvml.NvmlTelemetry(UUID).sample().pstate is None
 
 
@@ -301,7 +223,7 @@ def test_unknown_pstate_is_null(install: Any) -> None:
 
 
 def test_gpu_lost_mid_run(install: Any) -> None:
-    gpu = StubGpu(UUID)
+    gpu = with_me(UUID)
     install(gpu)
     tel = nvml.NvmlTelemetry(UUID)
     assert tel.sample().lost is False
@@ -313,7 +235,7 @@ def test_gpu_lost_mid_run(install: Any) -> None:
 
 
 def test_gpu_lost_at_open_is_unavailable(install: Any) -> None:
-    stub = install(StubGpu(UUID, lost=True))
+    stub = install(with_me(UUID, lost=True))
     with pytest.raises(TelemetryUnavailable, match="lost"):
         nvml.NvmlTelemetry(UUID)
     assert stub.inits == stub.shutdowns == 1
@@ -322,19 +244,176 @@ def test_gpu_lost_at_open_is_unavailable(install: Any) -> None:
 # --- scenario: a MIG instance ------------------------------------------------------------------
 
 
-def test_mig_device_has_no_utilization_and_board_readings_from_parent(install: Any) -> None:
-    parent = StubGpu("GPU-parent", temp=61, power_mw=300_000)
-    mig = StubGpu("MIG-aaaa", mig=True, parent=parent, samples=[(ME, NOW_US - 1, 50)],
-                  fail={"nvmlDeviceGetTemperatureV": NOT_SUPPORTED,
-                        "nvmlDeviceGetPowerUsage": NOT_SUPPORTED})
-    stub = install(parent, mig)
+def mig_gpu() -> tuple[FakeGpu, FakeGpu, FakeGpu]:
+    """A MIG-enabled H100 with two instances in slots 0 and 2 (slot 1 empty)."""
+    parent = FakeGpu("GPU-parent", temp=61, power_mw=300_000, sm_clock_mhz=1755,
+                     procs=[(OTHER_PID, 5 * GiB)])
+    small = parent.add_mig("MIG-aaaa", mem_total=10 * GiB, mem_used=2 * GiB,
+                           procs=[(ME, 2 * GiB)], samples=[(ME, NOW_US - 1, 50)])
+    parent.mig_slots.append(None)
+    big = parent.add_mig("MIG-bbbb", mem_total=40 * GiB, mem_used=5 * GiB,
+                         procs=[(OTHER_PID, 5 * GiB)])
+    return parent, small, big
+
+
+def test_mig_instance_reads_its_own_memory_and_processes_board_from_parent(
+    install: Any,
+) -> None:
+    parent, small, _ = mig_gpu()
+    fake = install(parent)
     s = nvml.NvmlTelemetry("MIG-aaaa").sample()
-    assert s.util_pct is None and s.own_util_pct is None
+    assert s.util_pct is None and s.own_util_pct is None  # NVML has no utilization on MIG
     assert s.extra["mig"] is True
-    assert s.temp_c == 61.0 and s.power_w == 300.0
-    assert s.mem_total_bytes == 80 * GiB
-    assert stub.count("nvmlDeviceGetUtilizationRates") == 0
-    assert stub.count("nvmlDeviceGetProcessUtilization") == 0
+    assert (s.mem_total_bytes, s.mem_used_bytes) == (10 * GiB, 2 * GiB)  # the instance's own
+    assert s.mem_free_bytes == 8 * GiB
+    assert [(p.pid, p.used_bytes) for p in s.processes or ()] == [(ME, 2 * GiB)]
+    assert (s.temp_c, s.power_w, s.sm_clock_mhz) == (61.0, 300.0, 1755.0)
+    assert s.pstate == "P0"
+    assert s.error is None
+    assert fake.count("nvmlDeviceGetUtilizationRates") == 0
+    assert fake.count("nvmlDeviceGetProcessUtilization") == 0
+
+
+def test_list_devices_lists_mig_instances_not_their_parent(install: Any) -> None:
+    """Before: only parent GPUs were listed; the MIG-enabled parent is not holdable."""
+    parent, _, _ = mig_gpu()
+    disabled = FakeGpu("GPU-mig-off", mig_mode=pynvml.NVML_DEVICE_MIG_DISABLE, mem_total=40 * GiB)
+    install(FakeGpu("GPU-plain", name="A100"), parent, disabled)
+    devices = list_devices("nvidia")
+    assert [(d.index, d.uuid, d.mem_total_bytes, d.parent_uuid) for d in devices] == [
+        (0, "GPU-plain", 80 * GiB, None),
+        (1, "MIG-aaaa", 10 * GiB, "GPU-parent"),
+        (1, "MIG-bbbb", 40 * GiB, "GPU-parent"),
+        (2, "GPU-mig-off", 40 * GiB, None),
+    ]
+    assert devices[1].name == "NVIDIA H100 80GB HBM3 MIG"
+
+
+def test_mig_enabled_without_instances_lists_nothing_for_it(
+    install: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty = FakeGpu("GPU-empty", mig_mode=pynvml.NVML_DEVICE_MIG_ENABLE)
+    install(empty, FakeGpu("GPU-plain"))
+    with caplog.at_level(logging.WARNING, logger=nvml.__name__):
+        assert [d.uuid for d in list_devices("nvidia")] == ["GPU-plain"]
+    assert any("no MIG instance" in r.message for r in caplog.records)
+
+
+# --- item 4: free memory is NVML's `free` -----------------------------------------------------
+
+
+def test_free_memory_is_nvml_free_not_total_minus_used(install: Any) -> None:
+    """v2 `used` leaves out the driver-reserved memory: total - used counted it as free."""
+    gpu = with_me(UUID, mem_total=80 * GiB, mem_reserved=GiB, mem_used=77 * GiB + 512 * MiB,
+                  procs=[(ME, 2 * GiB), (OTHER_PID, 75 * GiB)])
+    install(gpu)
+    s = nvml.NvmlTelemetry(UUID).sample()
+    assert s.mem_free_reported_bytes == s.mem_free_bytes == GiB + 512 * MiB
+    assert s.mem_used_bytes == 77 * GiB + 512 * MiB
+    # The pressure rule (reserve: 2 % of 80 GiB = 1.6 GiB) sees the pressure in time.
+    view = PressureRule(os.getuid()).update(s, {ME}, held=2 * GiB, target=2 * GiB,
+                                            on_pressure="yield", now=0.0)
+    assert view.status == "held"  # another user's process: hold against it, but seen
+
+
+def test_free_memory_from_the_v1_query_too(install: Any) -> None:
+    install(with_me(UUID, mem_reserved=GiB, mem_used=9 * GiB), driver_lacks=frozenset(
+        {"nvmlDeviceGetMemoryInfo_v2"}))
+    s = nvml.NvmlTelemetry(UUID).sample()
+    assert (s.mem_used_bytes, s.mem_free_bytes) == (10 * GiB, 70 * GiB)  # v1 used has reserved
+
+
+# --- item 12: process owners in a container -----------------------------------------------------
+
+
+@pytest.fixture
+def local_process() -> Any:
+    """A real process of ours whose pid NVML will report as a (host) pid on the GPU."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("host_pids", [True, False])
+def test_owner_is_trusted_only_in_the_drivers_pid_namespace(
+    install: Any, local_process: int, host_pids: bool
+) -> None:
+    """In a container NVML's pids are the host's: pid `local_process` on the GPU may be another
+    user's process that only shares the number with ours. Before: its owner was looked up here
+    and taken as ours, so `--on-pressure yield` gave memory away to a stranger."""
+    gpu = with_me(UUID, mem_used=79 * GiB, procs=[(ME, 2 * GiB), (local_process, 77 * GiB)],
+                  samples=[(ME, NOW_US - 10, 30)])
+    install(gpu, host_pids=host_pids)
+    s = nvml.NvmlTelemetry(UUID).sample()
+    uids = {p.pid: p.uid for p in s.processes or ()}
+    view = PressureRule(os.getuid()).update(s, {ME}, held=2 * GiB, target=2 * GiB,
+                                            on_pressure="yield", now=0.0)
+    if host_pids:
+        assert uids == {ME: os.getuid(), local_process: os.getuid()}
+        assert view.status == "yielded" and view.cap_bytes is not None and view.cap_bytes < 2 * GiB
+        assert s.own_util_pct == 30.0 and s.extra["own_pid_visible"] is True
+    else:
+        assert uids == {ME: None, local_process: None}
+        assert view.status == "held" and view.cap_bytes is None
+        # Nor is the load of "our" pid taken as our own: the quiet probe decides.
+        assert s.own_util_pct is None and s.extra["own_pid_visible"] is False
+        assert attributed_others(s, {ME}) is None
+
+
+def _unshare_pid() -> list[str] | None:
+    """An `unshare` command line that runs a child in a new PID namespace, if allowed here."""
+    if shutil.which("unshare") is None:
+        return None
+    for cmd in (["unshare", "--pid", "--fork"],
+                ["unshare", "--user", "--map-root-user", "--pid", "--fork"]):
+        if subprocess.run([*cmd, "true"], capture_output=True, timeout=30).returncode == 0:
+            return cmd
+    return None
+
+
+def test_pid_namespace_check_on_real_processes() -> None:
+    code = "from keepgpu.telemetry.nvml import in_initial_pid_namespace as f; print(f())"
+    here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+    assert here == str(os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC)
+    cmd = _unshare_pid()
+    if cmd is None:
+        pytest.skip("cannot create a PID namespace here")
+    inside = subprocess.run([*cmd, sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == "False"
+
+
+# --- item 7: the current SM clock ---------------------------------------------------------------
+
+
+def test_sm_clock_is_the_current_sm_clock_in_mhz(install: Any) -> None:
+    fake = install(with_me(UUID, sm_clock_mhz=345, sm_clock_max_mhz=1980))
+    s = nvml.NvmlTelemetry(UUID).sample()
+    assert s.sm_clock_mhz == 345.0  # an idle H200's clock, not the maximum
+    assert s.status_fields()["sm_clock_mhz"] == 345.0
+    assert ("nvmlDeviceGetClockInfo", (pynvml.NVML_CLOCK_SM,)) in fake.calls
+
+
+def test_sm_clock_unknown_is_none(install: Any) -> None:
+    install(with_me(UUID, fail={"nvmlDeviceGetClockInfo": NOT_SUPPORTED}))
+    s = nvml.NvmlTelemetry(UUID).sample()
+    assert s.sm_clock_mhz is None and s.error is None
+
+
+# --- a driver older than the binding -------------------------------------------------------------
+
+
+def test_process_list_version_mismatch_is_null_not_a_crash(install: Any) -> None:
+    """pynvml raises NVMLLibraryMismatchError (not an NVMLError) when the driver lacks
+    nvmlDeviceGetComputeRunningProcesses_v3. Before: it escaped sample()."""
+    install(with_me(UUID), driver_lacks=frozenset({"nvmlDeviceGetComputeRunningProcesses"}))
+    tel = nvml.NvmlTelemetry(UUID)
+    s = tel.sample()
+    assert s.processes is None and s.util_pct == 30.0 and s.error is None
+    assert tel.sample().processes is None  # not retried
 
 
 # --- scenario: NVML errors intermittently -----------------------------------------------------
@@ -343,7 +422,7 @@ def test_mig_device_has_no_utilization_and_board_readings_from_parent(install: A
 def test_intermittent_error_is_null_plus_error_then_recovers(
     install: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    install(StubGpu(UUID, fail={"nvmlDeviceGetUtilizationRates": [UNKNOWN, None, UNKNOWN]}))
+    install(with_me(UUID, fail={"nvmlDeviceGetUtilizationRates": [UNKNOWN, None, UNKNOWN]}))
     tel = nvml.NvmlTelemetry(UUID)
     with caplog.at_level(logging.WARNING, logger=nvml.__name__):
         bad, good, bad_again = tel.sample(), tel.sample(), tel.sample()
@@ -359,7 +438,7 @@ def test_intermittent_error_is_null_plus_error_then_recovers(
 
 
 def test_unknown_uuid_is_unavailable_and_releases_nvml(install: Any) -> None:
-    stub = install(StubGpu(UUID))
+    stub = install(with_me(UUID))
     with pytest.raises(TelemetryUnavailable, match="GPU-nope"):
         nvml.NvmlTelemetry("GPU-nope")
     assert stub.inits == 1 and stub.shutdowns == 1
@@ -367,15 +446,15 @@ def test_unknown_uuid_is_unavailable_and_releases_nvml(install: Any) -> None:
 
 
 def test_init_failure_is_unavailable(install: Any) -> None:
-    install(StubGpu(UUID), init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    install(with_me(UUID), init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
     with pytest.raises(TelemetryUnavailable, match="NVML unavailable"):
         nvml.NvmlTelemetry(UUID)
     with pytest.raises(TelemetryUnavailable):
-        nvml.list_devices()
+        nvml_list.list_devices()
 
 
 def test_init_is_reference_counted(install: Any) -> None:
-    stub = install(StubGpu(UUID), StubGpu("GPU-two"))
+    stub = install(with_me(UUID), with_me("GPU-two"))
     a, b = nvml.NvmlTelemetry(UUID), nvml.NvmlTelemetry("GPU-two")
     assert stub.inits == 1
     a.close()
@@ -384,15 +463,15 @@ def test_init_is_reference_counted(install: Any) -> None:
     assert b.sample().util_pct == 30.0
     b.close()
     assert stub.shutdowns == 1
-    assert nvml.list_devices()[0].uuid == UUID
+    assert nvml_list.list_devices()[0].uuid == UUID
     assert (stub.inits, stub.shutdowns) == (2, 2)
 
 
 def test_list_devices_skips_unreadable_device(install: Any) -> None:
     no_permission = {"nvmlDeviceGetHandleByIndex": pynvml.NVML_ERROR_NO_PERMISSION}
-    install(StubGpu(UUID, name="A100"),
-            StubGpu("GPU-bad", fail=no_permission),
-            StubGpu("GPU-three", mem_total=24 * GiB, fail={"nvmlDeviceGetName": NOT_SUPPORTED}))
+    install(with_me(UUID, name="A100"),
+            with_me("GPU-bad", fail=no_permission),
+            with_me("GPU-three", mem_total=24 * GiB, fail={"nvmlDeviceGetName": NOT_SUPPORTED}))
     devices = list_devices("nvidia")
     assert [(d.index, d.uuid, d.name, d.mem_total_bytes) for d in devices] == [
         (0, UUID, "A100", 80 * GiB),
@@ -401,12 +480,12 @@ def test_list_devices_skips_unreadable_device(install: Any) -> None:
 
 
 def test_slowdown_threshold(install: Any) -> None:
-    install(StubGpu(UUID))
+    install(with_me(UUID))
     assert nvml.NvmlTelemetry(UUID).slowdown_temp_c() == 87.0
 
 
 def test_open_telemetry_factory(install: Any) -> None:
-    install(StubGpu(UUID))
+    install(with_me(UUID))
     tel = open_telemetry("nvml", UUID)
     assert tel.backend == "nvml" and tel.sample().uuid == UUID
     tel.close()
@@ -439,7 +518,7 @@ def test_real_binding_without_driver_is_unavailable(monkeypatch: pytest.MonkeyPa
         # A GPU machine: a UUID no device has is still refused cleanly.
         with pytest.raises(TelemetryUnavailable, match="no NVIDIA device"):
             nvml.NvmlTelemetry("GPU-00000000-0000-0000-0000-000000000000")
-        assert all(d.uuid for d in nvml.list_devices())
+        assert all(d.uuid for d in nvml_list.list_devices())
         return
     with pytest.raises(TelemetryUnavailable, match="NVML unavailable"):
         nvml.NvmlTelemetry("GPU-00000000-0000-0000-0000-000000000000")
@@ -452,7 +531,7 @@ def test_import_has_no_side_effects() -> None:
     code = (
         "import sys, pynvml\n"
         "import keepgpu.telemetry, keepgpu.telemetry.nvml, keepgpu.telemetry.amd\n"
-        "import keepgpu.telemetry.fake, keepgpu.telemetry.open\n"
+        "import keepgpu.telemetry.fake, keepgpu.telemetry.open, keepgpu.telemetry.nvml_list\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'amdsmi' not in sys.modules, 'amdsmi imported'\n"
         "assert pynvml.nvmlLib is None, 'NVML loaded at import'\n"
