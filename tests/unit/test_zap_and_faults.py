@@ -3,7 +3,6 @@ import pytest
 from keepgpu.supervisor import zap
 from keepgpu.worker.faults import load
 
-
 IPC, TCP = zap.DOMAIN, zap.TCP_DOMAIN
 KEY, OTHER_KEY = b"k" * 32, b"o" * 32
 
