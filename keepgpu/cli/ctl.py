@@ -1,6 +1,7 @@
 """`keepgpu-ctl`: talk to a running supervisor over its control socket.
 
-Exit codes: 0 ok; 1 command failed / some GPU not released cleanly; 2 usage; 3 no supervisor
+Exit codes: 0 ok; 1 command failed / refused during the handshake (uid or CURVE key) / some GPU
+not released cleanly; 2 usage; 3 no supervisor
 answering; 4 every GPU fatal (wait --ready).
 """
 
