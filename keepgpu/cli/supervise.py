@@ -197,7 +197,7 @@ def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible:
     except AlreadyRunning as exc:
         fail(1, str(exc))
     except OSError as exc:
-        fail(EXIT_CONFIG, f"cannot take the lock {paths.lock}: {exc.strerror}")
+        fail(EXIT_CONFIG, f"cannot take the lock {exc.filename or paths.lock}: {exc.strerror}")
     try:
         sup = Supervisor(config, devices, visible.vendor, paths)
         try:
