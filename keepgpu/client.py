@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from keepgpu.protocol import keys
 from keepgpu.protocol.control import decode_reply, encode_request
+from keepgpu.protocol.endpoint import Endpoint, EndpointError
+from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import paths_for
 
 _ids = itertools.count(1)
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class NoSupervisor(Exception):
@@ -29,6 +35,25 @@ class CommandFailed(Exception):
         self.message = message
 
 
+class AuthFailed(CommandFailed):
+    """The supervisor refused this client during the handshake (uid not allowed, CURVE key
+    missing, unknown or mismatched). keepgpu-ctl exit 1: a supervisor is there, unlike exit 3."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("auth_failed", message)
+
+
+def _handshake_failure(event: int, endpoint: str, server_key_file: str) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the supervisor at {endpoint} refused this client (its uid, or its CURVE key, "
+                "is not allowed there)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"security handshake with {endpoint} failed (tcp control needs CURVE on both "
+                "sides; ipc needs none)")
+    return (f"CURVE handshake with {endpoint} failed: the server's key is not the one expected "
+            f"({server_key_file})")
+
+
 def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
     return paths_for(name, runtime_dir).control_endpoint
 
@@ -42,6 +67,18 @@ class Client:
         self.endpoint = endpoint
         self.timeout = timeout
         self._sock: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._parsed: tuple[str, Endpoint] | None = None
+
+    @property
+    def _ep(self) -> Endpoint:
+        """The parsed endpoint (re-parsed when `endpoint` was reassigned)."""
+        if self._parsed is None or self._parsed[0] != self.endpoint:
+            try:
+                self._parsed = (self.endpoint, parse_endpoint(self.endpoint))
+            except EndpointError as exc:
+                raise CommandFailed("bad_endpoint", str(exc)) from None
+        return self._parsed[1]
 
     def __enter__(self) -> Client:
         return self
@@ -55,15 +92,39 @@ class Client:
             # on a socket not yet finalized; linger 0 makes every close immediate.
             sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             sock.linger = 0
-            sock.connect(self.endpoint)
+            try:
+                if self._ep.kind == "tcp":
+                    self._use_curve(sock)
+                # A refused handshake is never an answer: only the monitor sees it.
+                self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                self._monitor.linger = 0
+                sock.connect(self.endpoint)
+            except BaseException:
+                sock.close(linger=0)
+                self._drop_socket()
+                raise
             self._sock = sock
         return self._sock
+
+    def _use_curve(self, sock: zmq.Socket[bytes]) -> None:
+        """CURVE with the user's keypair; the server key from servers/<host>.key or our own."""
+        try:
+            own = keys.own_keypair()
+            server = keys.server_public_key(self._ep.host, own)
+        except keys.KeyFileError as exc:
+            raise AuthFailed(f"cannot use CURVE keys for {self.endpoint}: {exc}") from None
+        sock.curve_secretkey = own.secret
+        sock.curve_publickey = own.public
+        sock.curve_serverkey = server
 
     def _drop_socket(self) -> None:
         """Forget the socket (after a timeout its queue may hold stale requests)."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def close(self) -> None:
         self._drop_socket()
@@ -75,8 +136,10 @@ class Client:
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:
         """Send `cmd` and return its result; raises NoSupervisor or CommandFailed."""
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
-            raise NoSupervisor(f"no supervisor socket at {self.endpoint[6:]}")
+        ep = self._ep
+        # An abstract name (ipc://@NAME) has no file to look for.
+        if ep.kind == "ipc" and not os.path.exists(ep.path):
+            raise NoSupervisor(f"no supervisor socket at {ep.path}")
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         sock = self._socket()
@@ -84,7 +147,7 @@ class Client:
         sock.send_multipart([b"", encode_request(cmd, args, req_id)])
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not sock.poll(left_ms):
+            if left_ms <= 0 or not self._wait(sock, left_ms):
                 self._drop_socket()
                 raise NoSupervisor(f"no answer from {self.endpoint} within {wait:g}s")
             frames = sock.recv_multipart()
@@ -99,3 +162,29 @@ class Client:
             raise CommandFailed(str(err.get("code")), str(err.get("message")))
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
+
+    def _wait(self, sock: zmq.Socket[bytes], timeout_ms: int) -> bool:
+        """Whether a reply is readable within `timeout_ms`; raises AuthFailed as soon as the
+        monitor reports a failed handshake (libzmq would retry it silently forever)."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        mon = self._monitor
+        if mon is not None:
+            poller.register(mon, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            events = dict(poller.poll(max(0, left_ms)))
+            if sock in events:
+                return True
+            if mon is None or mon not in events:
+                return False
+            event = int(recv_monitor_message(mon)["event"])
+            if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                host = self._ep.host
+                where = f"{keys.keys_dir() / keys.SERVERS_DIR / f'{host}.key'} or your own " \
+                    f"{keys.keys_dir() / keys.PUBLIC_FILE}"
+                self._drop_socket()
+                raise AuthFailed(_handshake_failure(event, self.endpoint, where))
+            if left_ms <= 0:
+                return False

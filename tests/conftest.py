@@ -150,6 +150,7 @@ def base_env(runtime_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEEPGPU_", "CUDA_", "ROCR_"))}
     env["KEEPGPU_RUNTIME_DIR"] = str(runtime_dir)
     env["KEEPGPU_ENGINE"] = "fake"
+    env["KEEPGPU_KEYS_DIR"] = str(runtime_dir / "keys")  # never the real ~/.config/keepgpu
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

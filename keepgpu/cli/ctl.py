@@ -1,6 +1,7 @@
 """`keepgpu-ctl`: talk to a running supervisor over its control socket.
 
-Exit codes: 0 ok; 1 command failed / some GPU not released cleanly; 2 usage; 3 no supervisor
+Exit codes: 0 ok; 1 command failed / refused during the handshake (uid or CURVE key) / some GPU
+not released cleanly; 2 usage; 3 no supervisor
 answering; 4 every GPU fatal (wait --ready).
 """
 
@@ -25,6 +26,8 @@ from keepgpu.cli.common import (
 from keepgpu.cli.table import render_status, render_stop
 from keepgpu.client import Client, CommandFailed, NoSupervisor, endpoint_for
 from keepgpu.protocol.control import MODES
+from keepgpu.protocol.endpoint import EndpointError
+from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import RuntimeDirError
 from keepgpu.protocol.units import UnitError, parse_vram
 
@@ -92,7 +95,8 @@ def cli(ctx: click.Context, name: str, endpoint: str | None, timeout: float) -> 
     """Control a keepgpu supervisor."""
     try:
         ep = endpoint or endpoint_for(name)
-    except RuntimeDirError as exc:
+        parse_endpoint(ep)
+    except (RuntimeDirError, EndpointError) as exc:
         fail(EXIT_CONFIG, str(exc))
     ctx.obj = Ctx(ep, timeout, False)
     ctx.call_on_close(ctx.obj.client.close)

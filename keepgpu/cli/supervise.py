@@ -6,7 +6,7 @@ Exit codes: 0 released cleanly; 1 some GPU not released cleanly / already runnin
 
 from __future__ import annotations
 
-import ipaddress
+import errno
 import logging
 import os
 import sys
@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import zmq
 
 from keepgpu._version import __version__
 from keepgpu.cli.common import EXIT_CONFIG, Exit, fail, run_standalone, setup_logging
 from keepgpu.cli.detach import Reporter, daemonize, wait_for_daemon
 from keepgpu.protocol import defaults as d
+from keepgpu.protocol import keys
 from keepgpu.protocol.control import MODES
+from keepgpu.protocol.endpoint import EndpointError
+from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import (
     Paths,
     RuntimeDirError,
@@ -54,21 +58,16 @@ def _pct(lo: float) -> click.FloatRange:
 
 
 def check_control(endpoint: str) -> str:
-    """Allow ipc:// and tcp:// on loopback only (other hosts would need CURVE keys)."""
-    if endpoint.startswith("ipc://"):
-        return endpoint
-    if not endpoint.startswith("tcp://"):
-        raise ConfigError(f"--control {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT")
-    host = endpoint[6:].rpartition(":")[0].strip("[]")
+    """Allow ipc://PATH, ipc://@NAME and tcp://HOST:PORT|* (any host: tcp always serves CURVE,
+    with the user's keys, which must be usable now). Raises ConfigError (exit 78)."""
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        raise ConfigError(
-            f"--control {endpoint!r}: only loopback addresses are allowed; a remote control "
-            "endpoint would need CURVE authentication, which this version does not offer"
-        )
+        ep = parse_endpoint(endpoint)
+        if ep.kind == "tcp":
+            keys.own_keypair()
+    except EndpointError as exc:
+        raise ConfigError(f"--control {exc}") from None
+    except keys.KeyFileError as exc:
+        raise ConfigError(f"--control {endpoint}: CURVE keys: {exc}") from None
     return endpoint
 
 
@@ -92,7 +91,8 @@ def check_control(endpoint: str) -> str:
 @_seconds("--restart-window", d.RESTART_WINDOW_S)
 @_seconds("--restart-delay", d.RESTART_DELAY_S, "first restart delay, doubling up to 60 s")
 @click.option("--name", default="default", help="supervisor name (socket and lock names)")
-@click.option("--control", default=None, help="explicit control endpoint (tcp on loopback)")
+@click.option("--control", default=None,
+              help="explicit endpoint: ipc://PATH, ipc://@NAME, tcp://HOST:PORT|* (CURVE)")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto")
 @click.option("--detach", is_flag=True, help="run in the background; return once GPUs hold")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
@@ -191,19 +191,27 @@ def serve(
 
 
 def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible: Visible) -> int:
-    lock = InstanceLock(paths)
+    lock = InstanceLock(paths, config.control)
     try:
         lock.acquire()
     except AlreadyRunning as exc:
         fail(1, str(exc))
     except OSError as exc:
-        fail(EXIT_CONFIG, f"cannot take the lock {paths.lock}: {exc.strerror}")
+        fail(EXIT_CONFIG, f"cannot take the lock {exc.filename or paths.lock}: {exc.strerror}")
     try:
         sup = Supervisor(config, devices, visible.vendor, paths)
         try:
             sup.bind()
-        except Exception as exc:  # zmq.ZMQError and friends: one line, not a traceback
+        except keys.KeyFileError as exc:
+            fail(EXIT_CONFIG, f"--control {sup.endpoint}: CURVE keys: {exc}")
+        except zmq.ZMQError as exc:
+            # EADDRINUSE: a tcp port or abstract name held by a process that is not a keepgpu
+            # supervisor of ours (those are refused by the endpoint lock, with their pid).
+            code = 1 if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
+            fail(code, f"cannot bind {sup.endpoint}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
             fail(EXIT_CONFIG, f"cannot bind {sup.endpoint}: {exc}")
+        lock.publish(sup.endpoint)
         sup.install_signals()
         sup.on_ready = _report_ready
         log.info(

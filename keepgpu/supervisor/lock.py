@@ -1,27 +1,40 @@
-"""Single-instance lock: a flock on `<name>.lock` held for the supervisor's life.
+"""Single-instance locks, held for the supervisor's life: a flock on `<name>.lock`, and one per
+endpoint it binds.
 
-ZeroMQ lets a second bind on the same ipc path succeed silently and steal new clients, so the
-lock is taken BEFORE any bind; once we hold it, socket files left by a dead supervisor are stale
-and are removed.
+ZeroMQ lets a second bind on the same ipc path succeed silently and steal new clients (libzmq
+unlinks the old socket file), so every lock is taken BEFORE any bind; once we hold an endpoint's
+lock, a socket file left there by a dead supervisor is stale and is removed. Endpoint locks:
+- `ipc://PATH`: `PATH.lock`, next to the socket, so that supervisors with other names or other
+  runtime dirs meet on the same file;
+- `ipc://@NAME` and `tcp://HOST:PORT`: `ep-<hash>.lock` in the runtime dir (the kernel refuses a
+  second bind of those anyway; the lock names the owner's pid); `tcp://HOST:*` needs none.
+Each endpoint lock file holds its owner's pid, so a refusal can name it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import stat
 from pathlib import Path
 
+from keepgpu.protocol.endpoint import Endpoint, parse
 from keepgpu.protocol.runtime import Paths
 
 
 class AlreadyRunning(Exception):
-    """Another live supervisor holds the name."""
+    """Another live supervisor holds the name or the endpoint."""
 
 
 class InstanceLock:
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, paths: Paths, control: str | None = None) -> None:
         self.paths = paths
         self._fd: int | None = None
+        self._endpoints = [
+            EndpointLock(control or paths.control_endpoint, paths.dir),
+            EndpointLock(paths.workers_endpoint, paths.dir),
+        ]
 
     def acquire(self) -> None:
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -36,13 +49,24 @@ class InstanceLock:
                 "use --name to run another"
             ) from None
         self._fd = fd
-        for stale in (self.paths.control, self.paths.workers):
-            try:
-                stale.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            for ep in self._endpoints:
+                ep.acquire()
+        except BaseException:
+            self.release()
+            raise
+        self.publish(None)
+
+    def publish(self, endpoint: str | None) -> None:
+        """Write the pid file: the pid on the first line (shell scripts read only that), then
+        the control endpoint once it is bound (with the port the kernel chose for `:*`)."""
+        if endpoint and self._endpoints[0].path is None and endpoint.startswith("tcp://"):
+            # Lock the port we got, so that `--control` with that port names our pid.
+            got = EndpointLock(endpoint, self.paths.dir)
+            got.acquire()
+            self._endpoints.append(got)
         tmp = self.paths.pidfile.with_suffix(".pid.tmp")
-        tmp.write_text(f"{os.getpid()}\n")
+        tmp.write_text(f"{os.getpid()}\n" + (f"{endpoint}\n" if endpoint else ""))
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.paths.pidfile)
 
@@ -50,17 +74,97 @@ class InstanceLock:
         """Remove our files, then drop the lock (a successor may start right after)."""
         if self._fd is None:
             return
-        for path in (self.paths.control, self.paths.workers, self.paths.pidfile):
+        for ep in reversed(self._endpoints):
+            ep.release()
+        try:
+            self.paths.pidfile.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+class EndpointLock:
+    """The flock that makes an endpoint ours (see the module docstring)."""
+
+    def __init__(self, endpoint: str, runtime_dir: Path) -> None:
+        self.endpoint = endpoint
+        self.ep: Endpoint = parse(endpoint)
+        self.path: Path | None
+        if self.ep.kind == "ipc":
+            self.path = Path(self.ep.path + ".lock")
+        elif self.ep.kind == "tcp" and self.ep.port == "*":
+            self.path = None
+        else:
+            digest = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+            self.path = runtime_dir / f"ep-{digest}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(5):
+            fd = self._open_and_lock(self.path)
+            # The previous owner unlinks the file on release: if ours is no longer the file at
+            # that path we locked an orphan inode, and must try again on the new file.
             try:
-                path.unlink()
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise AlreadyRunning(f"endpoint {self.endpoint} is changing hands; retry")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        if self.ep.kind == "ipc":
+            _remove_stale_socket(Path(self.ep.path))
+
+    def _open_and_lock(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OSError(0, f"{path} is not a regular file of uid {os.getuid()}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int(os.pread(fd, 32, 0).split(b"\n", 1)[0])
+            except ValueError:
+                pid = 0
+            os.close(fd)
+            who = f"keepgpu supervisor pid {pid}" if pid else "another keepgpu supervisor"
+            raise AlreadyRunning(f"endpoint {self.endpoint} is in use by {who}") from None
+        return fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self.ep.kind == "ipc":
+            _remove_stale_socket(Path(self.ep.path))
+        if self.path is not None:
+            try:
+                self.path.unlink()
             except FileNotFoundError:
                 pass
         os.close(self._fd)
         self._fd = None
 
 
-def read_pid(path: Path) -> int | None:
+def _remove_stale_socket(path: Path) -> None:
     try:
-        return int(path.read_text().strip())
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid on the first line of a pid file, None when absent or unreadable."""
+    try:
+        return int(path.read_text().split("\n", 1)[0].strip())
     except (OSError, ValueError):
         return None

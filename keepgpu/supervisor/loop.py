@@ -15,7 +15,7 @@ from typing import IO, Any
 import zmq
 
 from keepgpu._version import __version__
-from keepgpu.protocol import wire
+from keepgpu.protocol import keys, wire
 from keepgpu.protocol.control import ProtocolError, error_reply, ok_reply, parse_request
 from keepgpu.protocol.runtime import Paths
 from keepgpu.supervisor import procs, zap
@@ -71,6 +71,7 @@ class Supervisor(SlotLifecycle):
         self._ready_fired = False
         self.notifier = Notifier()
         self._next_watchdog = clock()
+        self._curve_own: keys.KeyPair | None = None
 
     # ---- sockets and signals ----------------------------------------------------------------
 
@@ -88,18 +89,40 @@ class Supervisor(SlotLifecycle):
             sock.setsockopt(zmq.MAXMSGSIZE, _HARD_MAX_MSG)
             sock.zap_domain = zap.DOMAIN
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.endpoint.startswith("tcp://"):
+            self._serve_curve()
         old = os.umask(0o177)  # socket files are created 0600
         try:
             self.workers.bind(self.paths.workers_endpoint)
             self.control.bind(self.endpoint)
         finally:
             os.umask(old)
+        # `tcp://HOST:*`: report the port the kernel chose (status, pid file, --detach line).
+        self.endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
         self.poller_quiet = zmq.Poller()  # the same without the workers socket
         for sock in (self.zap, self.workers, self.control):
             self.poller.register(sock, zmq.POLLIN)
             if sock is not self.workers:
                 self.poller_quiet.register(sock, zmq.POLLIN)
+
+    def _serve_curve(self) -> None:
+        """tcp carries no peer uid: serve CURVE with the user's keypair; ZAP admits the user's
+        own public key and the authorized ones (read at each handshake, so added keys count
+        without a restart). Raises keys.KeyFileError."""
+        own = keys.own_keypair()
+        self.control.curve_server = True
+        self.control.curve_secretkey = own.secret
+        self.control.curve_publickey = own.public
+        self.control.zap_domain = zap.TCP_DOMAIN
+        self._curve_own = own
+
+    def _curve_keys(self) -> set[bytes]:
+        assert self._curve_own is not None
+        allowed, problems = keys.authorized_keys(self._curve_own)
+        for problem in problems:
+            log.warning("authorized keys: %s", problem)
+        return allowed
 
     def install_signals(self) -> None:
         self._sigr, self._sigw = os.pipe()
@@ -222,9 +245,12 @@ class Supervisor(SlotLifecycle):
                 self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
 
     def _on_zap(self, frames: list[bytes]) -> None:
-        answer = zap.reply(frames, self.uid)
+        curve = self._curve_keys if self._curve_own is not None else None
+        answer = zap.reply(frames, self.uid, curve)
         if answer[2] != b"200":
-            log.warning("refused a control peer: %s", frames[3].decode("utf-8", "replace"))
+            mech = frames[5].decode("ascii", "replace") if len(frames) > 5 else "?"
+            log.warning("refused a control peer: %s (%s)",
+                        frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?", mech)
         self.zap.send_multipart(answer)
 
     def _on_worker(self, frames: list[bytes]) -> None:

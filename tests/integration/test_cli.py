@@ -31,7 +31,7 @@ def run(cmd, env, timeout=30):
         (["--engine", "tpu"], 2, "engine"),
         (["--name", "../evil"], 78, "invalid name"),
         (["--name", "x" * 60 + "y"], 78, "107-byte"),
-        (["--control", "tcp://10.1.2.3:5555"], 78, "loopback"),
+        (["--control", "tcp://127.0.0.1:5555/x"], 78, "nothing after it"),
         (["--control", "udp://127.0.0.1:1"], 78, "ipc://"),
         (["--no-such-flag"], 2, "no-such-flag"),
     ],

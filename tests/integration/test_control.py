@@ -225,23 +225,6 @@ def test_zap_refuses_other_users(sup, runtime_dir):
     assert sup.call("ping")["pid"] == sup.pid, "root and the owner still get in"
 
 
-def test_tcp_control_on_loopback(start_sup):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
-    sup: Sup = start_sup("--gpus", "0", *FAST, "--control", endpoint)
-    sup.endpoint = endpoint
-    sup.client.endpoint = endpoint
-    sup.wait_states("holding")
-    out = subprocess.run([*CTL, "--endpoint", endpoint, "status", "--json"], env=sup.env,
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["supervisor"]["endpoint"] == endpoint
-
-
 def test_set_vram_above_total_is_refused_and_not_kept(sup):
     reply = raw(sup, request("set", {"gpus": [0], "vram": "100GiB"}))
     assert reply["ok"] is False and reply["error"]["code"] == "invalid_argument"

@@ -159,7 +159,7 @@ alive() {  # exists and is not a zombie
 t=$(now)
 keepgpu-job start || exit 10
 echo "start_ms=$(($(now) - t))"
-sup=$(cat "$KEEPGPU_RUNTIME_DIR/$(keepgpu-job name).pid")
+sup=$(head -n1 "$KEEPGPU_RUNTIME_DIR/$(keepgpu-job name).pid")  # line 2 is the endpoint
 workers=$(keepgpu-job status --json | python3 -c \
     'import json, sys; print(" ".join(str(g["pid"]) for g in json.load(sys.stdin)["gpus"]))')
 echo "keeper=$sup workers=$workers"

@@ -3,16 +3,28 @@ import pytest
 from keepgpu.supervisor import zap
 from keepgpu.worker.faults import load
 
+IPC, TCP = zap.DOMAIN, zap.TCP_DOMAIN
+KEY, OTHER_KEY = b"k" * 32, b"o" * 32
+
 
 @pytest.mark.parametrize(
-    ("address", "mech", "ok"),
-    [("localhost:1000:1000:42", "NULL", True), ("localhost:0:0:42", "NULL", True),
-     ("localhost:1001:1001:42", "NULL", False), (":1000:1000:1", "NULL", True),
-     ("127.0.0.1", "NULL", True), ("::1", "NULL", True), ("10.0.0.5", "NULL", False),
-     ("localhost:1000:1000:42", "PLAIN", False), ("localhost", "NULL", False)],
+    ("domain", "address", "mech", "creds", "ok"),
+    [(IPC, "localhost:1000:1000:42", "NULL", [], True), (IPC, "localhost:0:0:42", "NULL", [], True),
+     (IPC, "localhost:1001:1001:42", "NULL", [], False), (IPC, ":1000:1000:1", "NULL", [], True),
+     (IPC, "localhost:1000:1000:42", "PLAIN", [], False), (IPC, "localhost", "NULL", [], False),
+     # tcp carries no uid: loopback and even a uid-looking address mean nothing without CURVE
+     (TCP, "127.0.0.1", "NULL", [], False), (TCP, "::1", "NULL", [], False),
+     (TCP, "localhost:1000:1000:42", "NULL", [], False),
+     (TCP, "10.0.0.5", "CURVE", [KEY], True), (TCP, "127.0.0.1", "CURVE", [OTHER_KEY], False),
+     (TCP, "127.0.0.1", "CURVE", [], False), (IPC, "localhost:1000:1000:42", "CURVE", [KEY], False),
+     (b"other", "localhost:1000:1000:42", "NULL", [], False)],
 )
-def test_zap_allows_owner_and_root_only(address, mech, ok):
-    assert zap.allows(address, mech, own_uid=1000) is ok
+def test_zap_allows_owner_and_root_on_ipc_and_known_keys_on_tcp(domain, address, mech, creds, ok):
+    assert zap.allows(domain, address, mech, creds, 1000, lambda: {KEY}) is ok
+
+
+def test_zap_refuses_curve_when_no_socket_serves_it():
+    assert not zap.allows(TCP, "127.0.0.1", "CURVE", [KEY], 1000, None)
 
 
 def test_zap_reply_frames():
@@ -20,6 +32,9 @@ def test_zap_reply_frames():
     assert zap.reply(req, own_uid=5)[:3] == [b"1.0", b"7", b"200"]
     assert zap.reply(req, own_uid=6)[2] == b"400"
     assert zap.reply([b"2.0", b"1"], own_uid=5)[2] == b"500"
+    curve = [b"1.0", b"8", TCP, b"127.0.0.1", b"", b"CURVE", KEY]
+    assert zap.reply(curve, 5, lambda: {KEY})[2] == b"200"
+    assert zap.reply(curve, 5, lambda: {OTHER_KEY})[2] == b"400"
 
 
 def test_faults_most_specific_wins():

@@ -1,0 +1,189 @@
+"""CURVE keys for tcp control endpoints: one keypair per user, plus authorized client keys.
+
+Layout (`keys_dir()`: `$KEEPGPU_KEYS_DIR`, else `$XDG_CONFIG_HOME/keepgpu`, else
+`~/.config/keepgpu`; mode 0700, created on first use):
+
+- `curve.key_secret` (0600): the user's keypair. A supervisor serves tcp with it; clients of that
+  user connect with it. With a shared home (usual on clusters) a login node and a compute node
+  then agree on the keys without copying anything.
+- `curve.key`: the public half, for copying to other hosts.
+- `authorized_keys/*.key`: more client public keys a supervisor admits (besides the user's own).
+- `servers/<host>.key`: the public key of a supervisor on `<host>` whose keypair is not ours
+  (a host without the shared home); without it a client expects the user's own public key.
+
+Files use the ZeroMQ certificate format (`zmq.auth.load_certificate` reads them). Files that are
+not ours or that group/other can write (or, for the secret, read) are refused with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+from zmq.utils import z85
+
+SECRET_FILE = "curve.key_secret"
+PUBLIC_FILE = "curve.key"
+AUTHORIZED_DIR = "authorized_keys"
+SERVERS_DIR = "servers"
+_MAX_KEY_FILES = 1000
+_BANNER = "#   keepgpu CURVE {what} certificate (ZeroMQ format){warn}\n\nmetadata\ncurve\n"
+
+
+class KeyFileError(Exception):
+    """A key file or directory is missing, malformed or unsafe (keepgpu-supervise exit 78)."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: bytes  # Z85, 40 characters
+    secret: bytes
+
+
+def keys_dir() -> Path:
+    env = os.environ.get("KEEPGPU_KEYS_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    if xdg:
+        return Path(xdg) / "keepgpu"
+    # Slurm prologs run without HOME: ask the password database.
+    home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+    return Path(home) / ".config" / "keepgpu"
+
+
+def _check(path: Path, secret: bool) -> os.stat_result:
+    """Refuse symlinks, files of other users (root's are fine) and unsafe modes."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise KeyFileError(f"{path} is a symlink; refusing to use it")
+    if st.st_uid not in (os.getuid(), 0):
+        raise KeyFileError(f"{path} is owned by uid {st.st_uid}, not {os.getuid()}; refusing it")
+    bad = 0o077 if secret else 0o022
+    if st.st_mode & bad:
+        want = "600/700" if secret else "not group/other-writable"
+        raise KeyFileError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):o}; it must be {want} (chmod go-rwx)"
+        )
+    return st
+
+
+def _ensure_dir(path: Path) -> Path:
+    try:
+        if not path.exists() and not path.is_symlink():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        _check(path, secret=False)
+    except OSError as exc:
+        raise KeyFileError(f"cannot use keys dir {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Create `path` with `mode` from the start (no window with wider permissions)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _cert(public: bytes, secret: bytes | None) -> str:
+    warn = ": SECRET, never share it" if secret else ""
+    text = _BANNER.format(what="secret" if secret else "public", warn=warn)
+    text += f'    public-key = "{public.decode()}"\n'
+    if secret:
+        text += f'    secret-key = "{secret.decode()}"\n'
+    return text
+
+
+def read_cert(path: Path) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a ZeroMQ certificate file, both Z85."""
+    public = secret = None
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith((b"public-key", b"secret-key")) and b"=" in line:
+            value = line.split(b"=", 1)[1].strip(b" \t'\"")
+            if line.startswith(b"public-key"):
+                public = value
+            else:
+                secret = value
+    for key in (public, secret):
+        if key is not None and len(key) != 40:
+            raise KeyFileError(f"{path}: a CURVE key must be 40 Z85 characters")
+    if public is None:
+        raise KeyFileError(f"{path}: no public-key line")
+    return public, secret
+
+
+def own_keypair(create: bool = True) -> KeyPair:
+    """The user's keypair, created (0600 in a 0700 dir) on first use when `create`."""
+    base = _ensure_dir(keys_dir()) if create else keys_dir()
+    path = base / SECRET_FILE
+    if not path.exists() and not path.is_symlink():
+        if not create:
+            raise KeyFileError(f"no CURVE keypair at {path}")
+        public, secret = zmq.curve_keypair()
+        try:
+            _write(path, _cert(public, secret), 0o600)
+            _write(base / PUBLIC_FILE, _cert(public, None), 0o644)
+        except FileExistsError:
+            pass  # another process is creating it right now: read theirs below
+        except OSError as exc:
+            raise KeyFileError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    try:
+        _check(path, secret=True)
+    except OSError as exc:
+        raise KeyFileError(f"cannot use {path}: {exc.strerror or exc}") from exc
+    public, maybe_secret = read_cert(path)
+    if maybe_secret is None:
+        raise KeyFileError(f"{path}: no secret-key line")
+    if zmq.curve_public(maybe_secret) != public:
+        raise KeyFileError(f"{path}: the public key does not match the secret key")
+    return KeyPair(public, maybe_secret)
+
+
+def authorized_keys(own: KeyPair) -> tuple[set[bytes], list[str]]:
+    """Client public keys (raw 32 bytes) a supervisor admits: the user's own plus every
+    `authorized_keys/*.key`; and one message per file skipped as unsafe or malformed."""
+    allowed = {z85.decode(own.public)}
+    problems: list[str] = []
+    folder = keys_dir() / AUTHORIZED_DIR
+    try:
+        _check(folder, secret=False)
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".key"))[:_MAX_KEY_FILES]
+    except FileNotFoundError:
+        return allowed, problems
+    except (OSError, KeyFileError) as exc:
+        return allowed, [str(exc)]
+    for name in names:
+        path = folder / name
+        try:
+            _check(path, secret=False)
+            allowed.add(z85.decode(read_cert(path)[0]))
+        except (OSError, KeyFileError, ValueError) as exc:
+            problems.append(f"skipped {path}: {exc}")
+    return allowed, problems
+
+
+def server_public_key(host: str, own: KeyPair) -> bytes:
+    """The Z85 public key a client expects from the supervisor at `host`."""
+    path = keys_dir() / SERVERS_DIR / f"{host}.key"
+    if not path.exists():
+        return own.public
+    try:
+        _check(path, secret=False)
+    except OSError as exc:
+        raise KeyFileError(f"cannot use {path}: {exc.strerror or exc}") from exc
+    return read_cert(path)[0]
