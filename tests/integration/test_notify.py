@@ -18,8 +18,11 @@ def test_sd_notify_ready_watchdog_and_stopping(start_sup, runtime_dir):
         sup: Sup = start_sup("--gpus", "0,1", "--heartbeat", "0.2",
                              env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
         seen: list[str] = []
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and seen.count("WATCHDOG=1") < 3:
+        deadline = time.monotonic() + 30
+        # Watchdog pings start at once; READY only once the workers hold (slow on a busy host).
+        while time.monotonic() < deadline and (
+            "READY=1" not in seen or seen.count("WATCHDOG=1") < 3
+        ):
             try:
                 seen.extend(sock.recv(4096).decode().splitlines())
             except TimeoutError:
