@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 from keepgpu._version import __version__
 
 if TYPE_CHECKING:
-    from keepgpu.context import hold
+    from keepgpu.context import HoldError, hold
 
-__all__ = ["__version__", "hold"]
+__all__ = ["HoldError", "__version__", "hold"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing keepgpu must not pull in pyzmq or subprocess machinery.
-    if name == "hold":
-        from keepgpu.context import hold
+    if name in ("hold", "HoldError"):
+        from keepgpu import context
 
-        return hold
+        return getattr(context, name)
     raise AttributeError(name)

@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 import click
 
+from keepgpu.logsink import handler_for
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -67,8 +69,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(verbosity: int, fmt: str, stream: Any) -> None:
+    """Log to `stream` through a handler that drops lines rather than block (keepgpu.logsink):
+    a keeper whose stderr is a full pipe must keep serving."""
     level = logging.INFO - 10 * verbosity
-    handler = logging.StreamHandler(stream)
+    handler = handler_for(stream)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

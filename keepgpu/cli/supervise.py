@@ -33,6 +33,7 @@ from keepgpu.protocol.runtime import (
     paths_for,
 )
 from keepgpu.protocol.units import UnitError, parse_vram
+from keepgpu.supervisor import watch
 from keepgpu.supervisor.config import ENGINES, SupervisorConfig, WorkerSettings
 from keepgpu.supervisor.devices import ConfigError, Device, Visible, select, visible_devices
 from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
@@ -95,6 +96,8 @@ def check_control(endpoint: str) -> str:
               help="explicit endpoint: ipc://PATH, ipc://@NAME, tcp://HOST:PORT|* (CURVE)")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto")
 @click.option("--detach", is_flag=True, help="run in the background; return once GPUs hold")
+@click.option("--exit-with", type=click.IntRange(1), default=None, metavar="PID",
+              help="release everything and exit when process PID ends")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("-v", "--verbose", count=True)
@@ -133,7 +136,7 @@ def cli(**opts: Any) -> int:
         restart_delay_max_s=max(d.RESTART_DELAY_MAX_S, opts["restart_delay"]),
     )
     logging_opts = (opts["verbose"] - opts["quiet"], opts["log_format"], opts["log_file"])
-    return serve(config, opts["detach"], *logging_opts)
+    return serve(config, opts["detach"], *logging_opts, exit_with=opts["exit_with"])
 
 
 def _open_log(path: Path | None) -> Any:
@@ -169,8 +172,11 @@ def serve(
     verbosity: int = 0,
     log_format: str = "text",
     log_file: Path | None = None,
+    exit_with: int | None = None,
 ) -> int:
     paths, devices, visible = _prepare(config)
+    if exit_with is not None and not watch.exists(exit_with):
+        fail(EXIT_CONFIG, f"--exit-with {exit_with}: no such process")
     if detach:
         log_path = log_file or paths.logfile
         read_fd = daemonize(log_path)
@@ -184,13 +190,16 @@ def serve(
         stream = _open_log(log_file)
     setup_logging(verbosity, log_format, stream)
     try:
-        return _run(config, paths, devices, visible)
+        return _run(config, paths, devices, visible, exit_with)
     except Exit as exc:
         Reporter.report({"error": exc.message, "code": exc.code})
         raise
 
 
-def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible: Visible) -> int:
+def _run(
+    config: SupervisorConfig, paths: Paths, devices: list[Device], visible: Visible,
+    exit_with: int | None = None,
+) -> int:
     lock = InstanceLock(paths, config.control)
     try:
         lock.acquire()
@@ -213,6 +222,8 @@ def _run(config: SupervisorConfig, paths: Paths, devices: list[Device], visible:
             fail(EXIT_CONFIG, f"cannot bind {sup.endpoint}: {exc}")
         lock.publish(sup.endpoint)
         sup.install_signals()
+        if exit_with is not None:
+            sup.watch_pid(exit_with)
         sup.on_ready = _report_ready
         log.info(
             "keepgpu %s supervisor %r pid %d: %d GPU(s) [%s], engine %s, control %s",

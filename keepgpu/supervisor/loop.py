@@ -25,6 +25,7 @@ from keepgpu.supervisor.devices import Device
 from keepgpu.supervisor.lifecycle import SlotLifecycle
 from keepgpu.supervisor.notify import Notifier
 from keepgpu.supervisor.slot import DONE_STATES, LIVE_STATES, Slot
+from keepgpu.supervisor.watch import PidWatch
 
 log = logging.getLogger("keepgpu.supervisor")
 
@@ -72,6 +73,7 @@ class Supervisor(SlotLifecycle):
         self.notifier = Notifier()
         self._next_watchdog = clock()
         self._curve_own: keys.KeyPair | None = None
+        self.watch: PidWatch | None = None
 
     # ---- sockets and signals ----------------------------------------------------------------
 
@@ -135,6 +137,14 @@ class Supervisor(SlotLifecycle):
         self.poller.register(self._sigr, zmq.POLLIN)
         self.poller_quiet.register(self._sigr, zmq.POLLIN)
 
+    def watch_pid(self, pid: int) -> None:
+        """Release everything, exactly as on SIGTERM, once process `pid` ends (--exit-with)."""
+        self.watch = PidWatch(pid)
+        log.info("exits with pid %d (%s)", pid, "pidfd" if self.watch.fd is not None else "polled")
+        if self.watch.fd is not None:
+            self.poller.register(self.watch.fd, zmq.POLLIN)
+            self.poller_quiet.register(self.watch.fd, zmq.POLLIN)
+
     def run(self) -> int:
         """Start every worker and serve until released. Returns the process exit code."""
         try:
@@ -160,6 +170,7 @@ class Supervisor(SlotLifecycle):
                 batch_until = self.clock() + _HB_BATCH_S
             if self._sigr in events:
                 self._drain_signals()
+            self._check_watch(events)
             if self.zap in events:
                 self._drain(self.zap, self._on_zap)
             if self.workers in events:
@@ -194,6 +205,8 @@ class Supervisor(SlotLifecycle):
         for slot in self.slots.values():
             if slot.proc is not None and slot.proc.poll() is None:
                 procs.kill_group(slot.proc.pid)
+        if self.watch is not None:
+            self.watch.close()
         if self._sigw >= 0:
             signal.set_wakeup_fd(-1)
             for fd in (self._sigr, self._sigw):
@@ -243,6 +256,18 @@ class Supervisor(SlotLifecycle):
                 else:
                     log.info("received %s: releasing every GPU", name)
                 self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _check_watch(self, events: dict[Any, int]) -> None:
+        watch = self.watch
+        if watch is None or not watch.ended(events, self.clock()):
+            return
+        if watch.fd is not None:
+            self.poller.unregister(watch.fd)
+            self.poller_quiet.unregister(watch.fd)
+        watch.close()
+        self.watch = None
+        log.info("watched pid %d ended: releasing every GPU", watch.pid)
+        self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
 
     def _on_zap(self, frames: list[bytes]) -> None:
         curve = self._curve_keys if self._curve_own is not None else None
@@ -343,6 +368,8 @@ class Supervisor(SlotLifecycle):
         best = min(now + _MAX_POLL_S, super()._next_deadline(now))
         if self.notifier.watchdog_s is not None:
             best = min(best, self._next_watchdog)
+        if self.watch is not None:
+            best = min(best, self.watch.next_check)
         return best
 
     def _maybe_ready(self) -> None:
@@ -377,6 +404,8 @@ class Supervisor(SlotLifecycle):
                 (s.stop.started for s in self.slots.values() if s.stop), default=now))
             return 0 if clean else 1
         if states and all(s == "fatal" for s in states) and not self.pending:
+            for slot in self.slots.values():
+                log.error("gpu=%d fatal: %s", slot.gpu, slot.error or slot.reason)
             log.error("every GPU is fatal; exiting")
             return 4
         return None

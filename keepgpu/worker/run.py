@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
 import zmq
 
+from keepgpu.logsink import NonBlockingHandler
 from keepgpu.protocol import wire
 from keepgpu.protocol.units import UnitError, VramRequest, parse_vram
 from keepgpu.telemetry.base import GpuSample
@@ -301,12 +301,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    logging.basicConfig(
-        level=os.environ.get("KEEPGPU_WORKER_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s keepgpu-worker[gpu={args.gpu} pid=%(process)d "
-        f"inc={args.incarnation}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    # fd 2 is the supervisor's stderr, possibly a pipe nobody reads: never block on it.
+    handler = NonBlockingHandler(2)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s keepgpu-worker[gpu={args.gpu} pid=%(process)d "
+        f"inc={args.incarnation}] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("KEEPGPU_WORKER_LOG_LEVEL", "INFO").upper())
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
