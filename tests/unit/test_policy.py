@@ -14,7 +14,6 @@ from keepgpu.telemetry.fake import FakeTelemetry, fake_device_uuid
 from keepgpu.worker.controller import PROBE_EVERY_S
 from keepgpu.worker.engines.base import CHUNK_BYTES
 from keepgpu.worker.governor import Decision, DeviceLost, Governor
-from keepgpu.worker.run import pulse_schedule
 from keepgpu.worker.policy import (
     BUSY_CLEAR_S,
     RESERVE_MIN_BYTES,
@@ -23,6 +22,7 @@ from keepgpu.worker.policy import (
     attributed_others,
     reserve_bytes,
 )
+from keepgpu.worker.run import pulse_schedule
 from keepgpu.worker.settings import Settings
 
 GiB = 1024**3

@@ -129,7 +129,8 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeDevi
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeProps(uuid))
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: FakeProps(uuid))
         monkeypatch.setattr(torch.cuda, "synchronize", dev.synchronize)
         monkeypatch.setattr(torch.cuda, "empty_cache", dev.empty_cache)
         monkeypatch.setattr(torch.cuda, "_sleep", dev.spin)
