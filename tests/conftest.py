@@ -1,4 +1,8 @@
-"""Shared fixtures: real supervisor processes in a private runtime dir, cleaned up by pid."""
+"""Shared fixtures: real supervisor processes in a private runtime dir, cleaned up by pid.
+
+keepgpu.client (pyzmq) is imported only where a supervisor is started: tests/gpu must be
+collected on a GPU machine without pyzmq, and skip what needs it with a reason.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
-from keepgpu.client import Client, NoSupervisor
+if TYPE_CHECKING:
+    from keepgpu.client import Client
 
 SUPERVISE = [sys.executable, "-m", "keepgpu.cli.supervise"]
 CTL = [sys.executable, "-m", "keepgpu.cli.ctl"]
@@ -55,6 +60,8 @@ class Sup:
     """A `keepgpu-supervise` subprocess and a client for it."""
 
     def __init__(self, runtime: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+        from keepgpu.client import Client
+
         self.runtime = runtime
         self.name = name
         self.args = args
@@ -69,7 +76,7 @@ class Sup:
             stderr=self._stderr,
         )
         self.endpoint = f"ipc://{runtime}/{name}.ctl"
-        self.client = Client(self.endpoint, timeout=5.0)
+        self.client: Client = Client(self.endpoint, timeout=5.0)
         self.seen_workers: set[tuple[int, float]] = set()
 
     @property
@@ -95,6 +102,8 @@ class Sup:
     def wait_states(
         self, want: dict[int, str] | str, timeout: float = 15.0
     ) -> list[dict[str, Any]]:
+        from keepgpu.client import NoSupervisor
+
         def check() -> list[dict[str, Any]] | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited {self.proc.returncode}:\n{self.log()}")
