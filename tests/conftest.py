@@ -1,7 +1,7 @@
 """Shared fixtures: real supervisor processes in a private runtime dir, cleaned up by pid.
 
-keepgpu.client (pyzmq) is imported only where a supervisor is started: tests/gpu must be
-collected on a GPU machine without pyzmq, and skip what needs it with a reason.
+keepgpu.client needs pyzmq: its import is guarded so that tests/gpu is collected on a GPU
+machine without pyzmq and skips what needs it, with a reason.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 import pytest
 
-if TYPE_CHECKING:
-    from keepgpu.client import Client
+try:
+    from keepgpu.client import Client, NoSupervisor
+except ImportError:  # no pyzmq: only tests that start a supervisor need it, and they skip
+    pass
 
 SUPERVISE = [sys.executable, "-m", "keepgpu.cli.supervise"]
 CTL = [sys.executable, "-m", "keepgpu.cli.ctl"]
@@ -60,8 +62,6 @@ class Sup:
     """A `keepgpu-supervise` subprocess and a client for it."""
 
     def __init__(self, runtime: Path, name: str, args: list[str], env: dict[str, str]) -> None:
-        from keepgpu.client import Client
-
         self.runtime = runtime
         self.name = name
         self.args = args
@@ -102,8 +102,6 @@ class Sup:
     def wait_states(
         self, want: dict[int, str] | str, timeout: float = 15.0
     ) -> list[dict[str, Any]]:
-        from keepgpu.client import NoSupervisor
-
         def check() -> list[dict[str, Any]] | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited {self.proc.returncode}:\n{self.log()}")
