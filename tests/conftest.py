@@ -1,4 +1,8 @@
-"""Shared fixtures: real supervisor processes in a private runtime dir, cleaned up by pid."""
+"""Shared fixtures: real supervisor processes in a private runtime dir, cleaned up by pid.
+
+keepgpu.client needs pyzmq: its import is guarded so that tests/gpu is collected on a GPU
+machine without pyzmq and skips what needs it, with a reason.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ from typing import Any
 import psutil
 import pytest
 
-from keepgpu.client import Client, NoSupervisor
+try:
+    from keepgpu.client import Client, NoSupervisor
+except ImportError:  # no pyzmq: only tests that start a supervisor need it, and they skip
+    pass
 
 SUPERVISE = [sys.executable, "-m", "keepgpu.cli.supervise"]
 CTL = [sys.executable, "-m", "keepgpu.cli.ctl"]
@@ -69,7 +76,7 @@ class Sup:
             stderr=self._stderr,
         )
         self.endpoint = f"ipc://{runtime}/{name}.ctl"
-        self.client = Client(self.endpoint, timeout=5.0)
+        self.client: Client = Client(self.endpoint, timeout=5.0)
         self.seen_workers: set[tuple[int, float]] = set()
 
     @property

@@ -82,6 +82,7 @@ class SlotLifecycle:
         settings = self.config.worker.to_wire()
         settings.update(slot.overrides)
         settings["device_entry"] = slot.device_entry
+        settings["uuid"] = slot.uuid  # the worker checks its runtime's view against it
         if slot.paused_until is not None:
             left = slot.paused_until - self.clock()
             if left > 0:

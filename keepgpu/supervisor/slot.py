@@ -29,6 +29,7 @@ TELEMETRY_FIELDS = (
     "duty_target_pct",
     "others_util_pct",
     "probing",
+    "target_reachable",
     "telemetry_error",
 )
 

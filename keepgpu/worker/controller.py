@@ -26,6 +26,9 @@ MAX_DUTY = 1.0
 GAIN_PER_S = 0.5
 DEADBAND_PCT = 1.0
 MAX_DT_S = 1.0
+#: At full duty with utilization still below the target this long: the target is out of reach
+#: (pulses come out shorter than asked, or the monitor reads less than our busy time).
+UNREACHABLE_S = 3.0
 
 #: Seconds without pulses that make up one quiet probe: longer than NVML's sample window
 #: (1/6 s to 1 s), so the reading at its end holds none of our pulses.
@@ -53,6 +56,13 @@ class DutyController:
         self.target_pct = target_pct
         self.duty = clamp_duty(target_pct / 100.0)
         self._last: float | None = None
+        self._short_since: float | None = None  # saturated at MAX_DUTY below the target
+
+    def reachable(self, now: float) -> bool:
+        """False once the duty has sat at MAX_DUTY with utilization below the target (beyond
+        the deadband) for UNREACHABLE_S: the controller cannot do more (status
+        `target_reachable`)."""
+        return self._short_since is None or now - self._short_since < UNREACHABLE_S
 
     def retarget(self, target_pct: float) -> None:
         """A new `--target-util`: keep the learned plant gain by scaling the duty."""
@@ -63,6 +73,7 @@ class DutyController:
         else:
             self.duty = clamp_duty(target_pct / 100.0)
         self.target_pct = target_pct
+        self._short_since = None  # judged afresh against the new target
 
     def hold(self, now: float) -> None:
         """Do not integrate over the time up to `now` (the measurement is not ours to steer)."""
@@ -80,6 +91,11 @@ class DutyController:
         error = self.target_pct - util_pct
         if abs(error) > DEADBAND_PCT:
             self.duty = clamp_duty(self.duty + GAIN_PER_S * dt * error / 100.0)
+        if self.duty >= MAX_DUTY and error > DEADBAND_PCT:
+            if self._short_since is None:
+                self._short_since = now
+        else:
+            self._short_since = None
         return self.duty
 
 

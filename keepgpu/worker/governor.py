@@ -50,6 +50,9 @@ class Decision:
     hold_bytes: int | None = None  # None: hold what --vram asks
     others_util_pct: float | None = None  # the other processes' load as judged, percent
     probing: bool = False  # a quiet probe is on (no pulses, state unchanged)
+    #: False: the duty is at its maximum and utilization still below --target-util; None:
+    #: not judged now (pstate mode, pulses off, utilization unknown).
+    target_reachable: bool | None = None
 
 
 class Governor:
@@ -126,7 +129,9 @@ class Governor:
         quiet = (state == "backoff" and reason != "pressure") or probing
         duty = 0.0 if quiet else self._duty(raw_util, now)
         self._track_quiet(quiet, now)
-        return Decision(state, reason, duty, mem.cap_bytes, others, probing)
+        steered = not quiet and s.mode != "pstate" and raw_util is not None
+        reachable = self.controller.reachable(now) if steered else None
+        return Decision(state, reason, duty, mem.cap_bytes, others, probing, reachable)
 
     def _duty(self, raw_util: float | None, now: float) -> float:
         if self.settings.mode == "pstate":

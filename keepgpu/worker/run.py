@@ -44,11 +44,15 @@ GROW_RETRY_S = 5.0  # after an out-of-memory stop, try growing again this much l
 
 
 def pulse_schedule(mode: str, duty: float) -> tuple[float, float] | None:
-    """(pulse seconds, period seconds) for a mode at a duty fraction; None = no pulses."""
-    if mode == "pstate":
-        return PSTATE_PULSE_S, PSTATE_PERIOD_S
+    """(pulse seconds, period seconds) for a mode at a duty fraction; None = no pulses.
+
+    Duty 0 (paused, busy, too hot, a quiet probe) means no pulses in every mode; any other
+    duty in `pstate` mode is its fixed schedule.
+    """
     if duty <= 0:
         return None
+    if mode == "pstate":
+        return PSTATE_PULSE_S, PSTATE_PERIOD_S
     on = MAX_PULSE_S if duty >= 0.5 else MAX_PULSE_S / 2
     return on, on / min(1.0, duty)
 
@@ -63,7 +67,7 @@ def make_engine(settings: Settings, incarnation: int) -> Engine:
         return FakeEngine(settings.device_entry, found, scenario)
     from keepgpu.worker.engines.torch_engine import TorchEngine
 
-    return TorchEngine(settings.engine)
+    return TorchEngine(settings.engine, expected_uuid=settings.uuid, entry=settings.device_entry)
 
 
 class KeepLoop:
@@ -164,6 +168,11 @@ class KeepLoop:
     def _control(self, now: float) -> None:
         """Read the device, decide, and set the hold target (raises DeviceLost)."""
         self.sample = self._read()
+        observe = getattr(self.engine, "observe", None)
+        if observe is not None:
+            observe(self.sample)
+        for note in getattr(self.engine, "take_notices", list)():
+            self.send("error", message=note)
         if self.sample is not None and self.sample.lost:
             log.error("device %s is lost (%s): exiting for the supervisor to restart",
                       self.sample.uuid, self.sample.error)
@@ -202,6 +211,7 @@ class KeepLoop:
         others = self.decision.others_util_pct
         fields["others_util_pct"] = None if others is None else round(others, 2)
         fields["probing"] = self.decision.probing
+        fields["target_reachable"] = self.decision.target_reachable
         fields["telemetry_error"] = self.sample.error if self.sample else "no telemetry"
         return fields
 
@@ -341,6 +351,10 @@ def main(argv: list[str]) -> int:
     except EngineError as exc:
         log.error("%s", exc)
         sock.send(wire.encode("error", message=str(exc)), zmq.NOBLOCK)
+        return 1
+    except Exception as exc:  # an unforeseen device error: still last words, no silent exit
+        log.exception("worker failed: %s", exc)
+        sock.send(wire.encode("error", message=f"worker failed: {exc}"), zmq.NOBLOCK)
         return 1
     finally:
         # Bounded linger: the last words (`error`, `stopped`) must leave before we exit, but a

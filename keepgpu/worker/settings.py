@@ -23,6 +23,8 @@ class Settings(WorkerSettings):
     carried over from its predecessor."""
 
     device_entry: str = ""
+    #: The device's UUID as the supervisor knows it (NVML / AMD SMI), None when it does not.
+    uuid: str | None = None
     paused_s: float | None = None
     paused_forever: bool = False
 
@@ -31,6 +33,8 @@ class Settings(WorkerSettings):
         s = cls()
         s.engine = str(data.get("engine", s.engine))
         s.device_entry = str(data.get("device_entry", ""))
+        uuid = data.get("uuid")
+        s.uuid = uuid if isinstance(uuid, str) and uuid else None
         s.heartbeat_s = float(data.get("heartbeat_s", s.heartbeat_s))
         if "paused_s" in data:
             s.paused_s = data["paused_s"]

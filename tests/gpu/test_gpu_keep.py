@@ -1,13 +1,16 @@
 """The keep loop on a real NVIDIA GPU, judged by NVML readings (never by keepgpu's own claims).
 
-Run on a GPU machine: `python -m pytest tests/gpu -v`. Skipped where torch sees no CUDA device or
-NVML cannot be initialised. Each test starts its own supervisor (`--engine cuda --gpus 0`) and
-cleans it up by pid; competitors and memory eaters are subprocesses pinned to the same device.
+Run on a GPU machine: `python -m pytest tests/gpu -v`. Skipped, with the reason, where pyzmq is
+missing (the supervisor's sockets need it: bring its wheel, see bench/README.md), torch sees no
+CUDA device or NVML cannot be initialised. Each test starts its own supervisor
+(`--engine cuda --gpus 0`) and cleans it up by pid; competitors and memory eaters are
+subprocesses pinned to the same device.
 """
 
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,8 +23,12 @@ from typing import Any
 import pytest
 from conftest import Sup, wait_until
 
-torch = pytest.importorskip("torch")
-pynvml = pytest.importorskip("pynvml")
+if importlib.util.find_spec("zmq") is None:
+    pytest.skip("pyzmq is not installed: the supervisor tests need it (bring its wheel, see "
+                "bench/README.md); tests/gpu/test_gpu_torch_engine.py runs without it",
+                allow_module_level=True)
+torch = pytest.importorskip("torch", reason="torch is not installed")
+pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
 
 pytestmark = [pytest.mark.gpu]
 

@@ -79,10 +79,12 @@ def test_duty_stays_in_bounds_and_does_not_wind_up() -> None:
     plant = Plant(gain=0.5)
     run(ctl, plant, 30.0)
     assert ctl.duty == MAX_DUTY  # saturated: the target cannot be reached
+    assert not ctl.reachable(30.0)  # and it says so (status target_reachable)
     ctl.retarget(30)
     readings = run(ctl, plant, 15.0, t0=30.0)
     # anti-windup: no long excursion after saturation, back at the target within 15 s
     assert abs(readings[-1] - 30.0) <= 1.5
+    assert ctl.reachable(45.0)
     busy_plant = Plant(others=90.0)
     ctl2 = DutyController(30)
     run(ctl2, busy_plant, 30.0)

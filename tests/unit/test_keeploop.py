@@ -27,7 +27,7 @@ from keepgpu.worker.settings import Settings
 
 GiB = 1024**3
 FIELDS = ("util_pct", "own_util_pct", "mem_used_bytes", "mem_total_bytes", "temp_c", "power_w",
-          "pstate", "duty_pct")
+          "pstate", "duty_pct", "target_reachable")
 
 
 class RecordingEngine(FakeEngine):
@@ -116,6 +116,20 @@ def test_pause_takes_effect_within_50ms_and_resume_restarts(harness: Harness) ->
     resumed = harness.send("resume")
     harness.collect(0.3)
     assert [t for t in harness.engine.pulses if t > resumed]
+
+
+@pytest.mark.parametrize("mode", ["duty", "sm", "compute", "pstate"])
+def test_pause_stops_pulses_in_every_mode(mode: str) -> None:
+    h = Harness(mode=mode)
+    try:
+        h.thread.start()
+        h.collect(0.6)
+        assert h.engine.pulses, "pulsing before the pause"
+        sent = h.send("pause")
+        h.collect(0.5)
+        assert [t for t in h.engine.pulses if t > sent + MAX_WAIT_S] == []
+    finally:
+        h.close()
 
 
 def test_heartbeats_carry_every_telemetry_field(harness: Harness) -> None:

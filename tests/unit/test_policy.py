@@ -22,6 +22,7 @@ from keepgpu.worker.policy import (
     attributed_others,
     reserve_bytes,
 )
+from keepgpu.worker.run import pulse_schedule
 from keepgpu.worker.settings import Settings
 
 GiB = 1024**3
@@ -73,7 +74,9 @@ class Sim:
             sample = self.rewrite(sample, self.t)
         d = self.governor.decide(sample, self.clock.now, self.held, self.target, self.duty)
         self.held = self.target if d.hold_bytes is None else min(self.target, d.hold_bytes)
-        self.duty = d.duty if self.settings.mode != "pstate" else 0.004 * (d.duty > 0)
+        # what the keep loop really pulses for this decision (pstate: its fixed schedule)
+        plan = pulse_schedule(self.settings.mode, d.duty)
+        self.duty = 0.0 if plan is None else plan[0] / plan[1]
         self.log.append((self.t, d))
         return d
 
@@ -381,6 +384,44 @@ def test_lost_gpu_at_start_raises() -> None:
 
 
 # --- pause ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["duty", "sm", "compute", "pstate"])
+def test_every_mode_stops_pulsing_in_backoff(mode: str) -> None:
+    sim = Sim("hot:after=3,for=3", mode=mode)
+    sim.run(1)
+    assert sim.duty > 0
+    sim.governor.pause(None, sim.clock.now)
+    sim.step()
+    assert sim.duty == 0.0  # paused: not a single pulse, pstate included
+    sim.governor.resume()
+    sim.run(3)
+    thermal = [d for _, d in sim.log if d.reason == "thermal"]
+    assert thermal and sim.duty == 0.0  # too hot: no pulses either
+    sim.run(6)
+    assert sim.log[-1][1].reason is None and sim.duty > 0
+
+
+def test_pulse_schedule_is_none_at_zero_duty_in_every_mode() -> None:
+    for mode in ("duty", "sm", "compute", "pstate"):
+        assert pulse_schedule(mode, 0.0) is None
+    assert pulse_schedule("pstate", 1.0) is not None
+
+
+def test_an_unreachable_target_is_reported() -> None:
+    # pulses come out at a fifth of what is asked (a stale spin calibration): util <= 20 %
+    sim = Sim("idle", target_util=60.0,
+              rewrite=lambda s, t: dataclasses.replace(s, util_pct=(s.util_pct or 0) / 5))
+    sim.run(3)
+    assert sim.log[-1][1].target_reachable is True
+    sim.run(20)
+    d = sim.log[-1][1]
+    assert d.duty == 1.0 and d.target_reachable is False
+    sim.settings.target_util = 10.0
+    sim.run(20)
+    assert sim.log[-1][1].target_reachable is True
+    sim.governor.pause(None, sim.clock.now)
+    assert sim.step().target_reachable is None  # not steering: not judged
 
 
 def test_pause_and_resume() -> None:

@@ -7,14 +7,17 @@ device is already pinned through CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import logging
+import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from keepgpu.telemetry.base import Telemetry, TelemetryUnavailable
+from keepgpu.telemetry.base import GpuSample, Telemetry, TelemetryUnavailable
 from keepgpu.telemetry.null import NullTelemetry
 from keepgpu.worker.engines.base import (
     CHUNK_BYTES,
@@ -24,6 +27,7 @@ from keepgpu.worker.engines.base import (
     DutyMeter,
     EngineError,
 )
+from keepgpu.worker.engines.uuids import own_uuid, same_device
 
 log = logging.getLogger("keepgpu.worker.torch")
 
@@ -34,6 +38,11 @@ _SM_ELEMS = 16 * 1024**2  # 64 MiB of float32: ~65k blocks of 256 threads, every
 _MM_N = 4096  # compute operand side; halved until one product takes ≤ MAX_PULSE_S / 4
 _MM_MIN_N = 256
 _MAX_LAUNCHES = 1000  # per pulse: bounds the CPU time spent queueing
+_MIN_CYCLES_PER_S = 1.0e7
+_MAX_CYCLES_PER_S = 1.0e11
+_TIMED_PENDING = 8  # spin pulses whose CUDA event pair is not read back yet, at most
+_TIMING_SAMPLES = 5  # the estimate is the median of the last this many measured spins
+_MIN_TIMED_S = 1.0e-4  # shorter pulses are dominated by launch overhead: not used to re-scale
 
 
 def _spin(cycles: int) -> None:
@@ -95,16 +104,25 @@ def _compute_burst(device: torch.device) -> _Burst:
 class TorchEngine:
     ignores_stop = False
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, expected_uuid: str | None = None,
+                 entry: str = "") -> None:
         if backend not in ("cuda", "rocm", "mps", "cpu"):
             raise ConfigurationError(f"unknown torch backend {backend!r}")
         self.kind = backend
+        #: What the supervisor (NVML / AMD SMI, no torch) knows this device as; None = unknown.
+        self.expected_uuid = expected_uuid or None
+        self.entry = entry
         self._chunks: list[torch.Tensor] = []
         self._device = torch.device("cpu")
         self._uuid: str | None = None
         self._name: str | None = None
         self._event: Any = None
         self._cycles_per_s = 1.0e9
+        self._clock_mhz: float | None = None  # SM clock of the latest telemetry sample
+        self._timed: deque[tuple[Any, Any, int]] = deque()  # (start, end, cycles) in flight
+        self._measured: deque[float] = deque(maxlen=_TIMING_SAMPLES)  # cycles/s of past spins
+        self._spare: list[tuple[Any, Any]] = []  # event pairs already read back
+        self._notices: list[str] = []
         self._bursts: dict[str, _Burst | None] = {}
         self._small: torch.Tensor | None = None
         self._meter = DutyMeter(_DUTY_WINDOW_S)
@@ -143,14 +161,35 @@ class TorchEngine:
         self._device = torch.device("cuda", 0)
         torch.cuda.set_device(0)
         props = torch.cuda.get_device_properties(0)
-        raw_uuid = getattr(props, "uuid", None)
-        if raw_uuid is not None:
-            text = str(raw_uuid)
-            prefix = "GPU-" if self.kind == "cuda" and not text.startswith(("GPU-", "MIG-")) else ""
-            self._uuid = prefix + text
+        self._uuid = self._check_uuid(getattr(props, "uuid", None))
         self._name = str(props.name)
         self._calibrate_sleep()
         return int(props.total_memory)
+
+    def _check_uuid(self, raw: object) -> str | None:
+        """The UUID telemetry is opened with: the supervisor's, once the runtime's own view
+        agrees with it (raises ConfigurationError when they name different devices)."""
+        pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "") if self.kind == "cuda" else ""
+        if self.expected_uuid and self.expected_uuid.startswith("MIG-"):
+            pinned = self.expected_uuid
+        own = own_uuid(self.kind, raw, pinned or self.entry)
+        expected = self.expected_uuid
+        if expected is None:
+            return own
+        if own is None:
+            log.info("the runtime gives no usable UUID (%r): using the supervisor's %s",
+                     raw, expected)
+            return expected
+        same = same_device(self.kind, own, expected)
+        if same is False:
+            raise ConfigurationError(
+                f"device entry {self.entry or '?'} is {own} to the {self.kind} runtime, but "
+                f"the supervisor expected {expected}: refusing to hold one GPU while "
+                "watching another")
+        if same is None:
+            log.warning("cannot confirm that %s (runtime) is %s (supervisor): using the "
+                        "supervisor's UUID", own, expected)
+        return expected
 
     def _calibrate_sleep(self) -> None:
         """Cycles per second of torch.cuda._sleep, measured against wall time after ~50 ms of
@@ -165,8 +204,36 @@ class TorchEngine:
         _spin(cycles * 5)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        self._cycles_per_s = max(1.0e7, cycles * 5 / max(elapsed, 1e-6))
+        self._cycles_per_s = _bounded(cycles * 5 / max(elapsed, 1e-6))
         log.debug("spin kernel: %.3g cycles/s", self._cycles_per_s)
+
+    @property
+    def cycles_per_s(self) -> float:
+        """The current estimate of torch.cuda._sleep cycles per wall second."""
+        return self._cycles_per_s
+
+    def observe(self, sample: GpuSample | None) -> None:
+        """A telemetry sample was read (each control tick): follow the SM clock.
+
+        clock64, which the spin kernel counts, ticks at the SM clock: when the clock moves
+        (an H200 idles near 345 MHz and runs near 1980 MHz), the cycles per second move with
+        it at once; the CUDA-event timing of each pulse corrects what is left.
+        """
+        mhz = getattr(sample, "sm_clock_mhz", None)  # getattr: older GpuSample lacks it
+        if not isinstance(mhz, (int, float)) or mhz <= 0:
+            return
+        if self._clock_mhz is not None and mhz != self._clock_mhz:
+            ratio = mhz / self._clock_mhz
+            self._cycles_per_s = _bounded(self._cycles_per_s * ratio)
+            self._measured = deque((_bounded(m * ratio) for m in self._measured),
+                                   maxlen=_TIMING_SAMPLES)
+        self._clock_mhz = float(mhz)
+
+    def take_notices(self) -> list[str]:
+        """Degradations since the last call (e.g. compute mode fell back to the spin kernel),
+        for the worker to report as `error` messages."""
+        out, self._notices = self._notices, []
+        return out
 
     def _sync(self) -> None:
         if self.kind in ("cuda", "rocm"):
@@ -184,7 +251,10 @@ class TorchEngine:
         while self.held_bytes > nbytes and self._chunks:
             self._chunks.pop()
         if self.kind in ("cuda", "rocm"):
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError as exc:  # a device error surfacing at the next CUDA call
+                raise EngineError(f"freeing memory failed: {exc}") from exc
         while self.held_bytes < nbytes:
             size = min(CHUNK_BYTES, nbytes - self.held_bytes)
             try:
@@ -221,15 +291,52 @@ class TorchEngine:
         self._meter.record(now, seconds)
 
     def _pulse_gpu(self, mode: str, seconds: float) -> None:
+        self._read_timings()
         burst = self._burst(mode) if mode in ("sm", "compute") else None
         if burst is None:
-            _spin(max(1, int(self._cycles_per_s * seconds)))
-        else:
-            for _ in range(burst.launches(seconds)):
-                burst.op()
+            self._timed_spin(max(1, int(self._cycles_per_s * seconds)))
+            return
+        for _ in range(burst.launches(seconds)):
+            burst.op()
         if self._event is None:
             self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._event.record()
+
+    def _timed_spin(self, cycles: int) -> None:
+        """One spin kernel between two timing events, read back later without blocking."""
+        pair = None
+        if len(self._timed) < _TIMED_PENDING:
+            pair = self._spare.pop() if self._spare else (
+                torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
+            pair[0].record()
+        _spin(cycles)
+        if pair is None:
+            if self._event is None or self._event in [t[1] for t in self._timed]:
+                self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+            return
+        pair[1].record()
+        self._timed.append((pair[0], pair[1], cycles))
+        self._event = pair[1]
+
+    def _read_timings(self) -> None:
+        """Re-scale cycles per second from every finished spin (event.query() never blocks).
+
+        A spin asked for `s` seconds from a stale estimate runs s * (true / estimated) on the
+        device: the events measure that, so the estimate follows clock changes within a few
+        pulses whatever the cause (boost, thermal slowdown, power capping). The median of the
+        last few keeps one pulse stretched by a host stall (the CPU preempted between the
+        start event and the launch) from skewing the next ones.
+        """
+        while self._timed and bool(self._timed[0][1].query()):
+            start, end, cycles = self._timed.popleft()
+            seconds = float(start.elapsed_time(end)) / 1000.0
+            self._spare.append((start, end))
+            if seconds < _MIN_TIMED_S:
+                continue
+            self._measured.append(_bounded(cycles / seconds))
+            self._cycles_per_s = statistics.median(self._measured)
 
     def _burst(self, mode: str) -> _Burst | None:
         """The kernel for an sm/compute pulse, built on first use (None: fall back to the spin
@@ -241,6 +348,11 @@ class TorchEngine:
             burst = _sm_burst(self._device) if mode == "sm" else _compute_burst(self._device)
         except torch.OutOfMemoryError:
             log.warning("no memory for %s-mode operands: pulsing with the spin kernel", mode)
+            burst = None
+        except RuntimeError as exc:  # e.g. CUBLAS_STATUS_NOT_INITIALIZED: no tensor cores
+            note = f"{mode} mode unavailable ({exc}): pulsing with the spin kernel"
+            log.warning("%s", note)
+            self._notices.append(note)
             burst = None
         if burst is not None:
             log.info("%s pulses: %.3f ms per launch", mode, burst.seconds * 1000)
@@ -257,7 +369,12 @@ class TorchEngine:
         self._sync()
 
     def busy(self) -> bool:
-        return self._event is not None and not bool(self._event.query())
+        if self._event is None:
+            return False
+        try:
+            return not bool(self._event.query())
+        except RuntimeError as exc:  # the device fell over while the pulse ran
+            raise EngineError(f"device error: {exc}") from exc
 
     def own_duty(self) -> float:
         return self._meter.fraction()
@@ -283,6 +400,16 @@ class TorchEngine:
         self._chunks.clear()
         self._bursts.clear()
         self._small = None
-        self._sync()
-        if self.kind in ("cuda", "rocm"):
-            torch.cuda.empty_cache()
+        self._event = None
+        self._timed.clear()
+        self._spare.clear()
+        try:
+            self._sync()
+            if self.kind in ("cuda", "rocm"):
+                torch.cuda.empty_cache()
+        except RuntimeError as exc:  # memory goes with the process anyway
+            raise EngineError(f"release failed: {exc}") from exc
+
+
+def _bounded(cycles_per_s: float) -> float:
+    return max(_MIN_CYCLES_PER_S, min(_MAX_CYCLES_PER_S, cycles_per_s))
