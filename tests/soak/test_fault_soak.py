@@ -331,7 +331,7 @@ class Soak:
 
     def life(self) -> None:
         sup = self.begin()
-        if self.rng.random() < 0.15:
+        if self.rng.random() < (0.4 if "stop_at_spawn" in EXTRA else 0.15):
             return self.startup_kill(sup)
         self.answers(sup)
         self.check()
@@ -347,13 +347,16 @@ class Soak:
         assert self.cfg is not None
         freeze = "stop_at_spawn" in EXTRA and self.rng.random() < 0.5
         sig = signal.SIGKILL if freeze else self.rng.choice(list(END_SIGNALS.values()))
-        until = time.monotonic() + self.rng.uniform(0.0, 0.8)
+        # stop_at_spawn: SIGSTOP every worker the moment it appears, then SIGKILL the supervisor
+        until = time.monotonic() + (5.0 if freeze else self.rng.uniform(0.0, 0.8))
         frozen: set[Key] = set()
         while time.monotonic() < until and sup.proc.poll() is None:
             for key in self.tracker.children(sup.pid):
                 if freeze and key not in frozen and send_signal(key, signal.SIGSTOP):
                     frozen.add(key)
                     self.note("stop_at_spawn", f"pid {key[0]}")
+            if freeze and len(frozen) == len(self.cfg.gpus):
+                break
             time.sleep(0.002)
         t_end = time.monotonic()
         sup.proc.send_signal(sig)
