@@ -84,6 +84,7 @@ class Soak:
         self.lives = 0
         self.orphans = 0
         self.late_sigterm_exits = 0
+        self.workers_at_end = 0  # worker processes alive when an end began, summed
         self.sup: Sup | None = None
         self.cfg: LifeConfig | None = None
         self.stops: list[AsyncStop] = []
@@ -114,6 +115,7 @@ class Soak:
             "ends": dict(self.ends), "exit_codes": dict(self.exit_codes),
             "stop_outcomes": dict(self.outcomes), "orphans": self.orphans,
             "late_sigterm_exits": self.late_sigterm_exits,
+            "workers_at_end": self.workers_at_end,
             "wall_s": round(time.monotonic() - self.t0, 1), "extra": sorted(EXTRA),
         }
 
@@ -368,6 +370,12 @@ class Soak:
         assert self.cfg is not None
         kind = self.rng.choice(["stop", "sigterm", "sigterm2", "sigint", "sighup", "sigkill"])
         self.ends[kind] += 1
+        if self.rng.random() < 0.5:  # most ends should meet workers (partial stops add up)
+            try:
+                sup.call("start", timeout=STATUS_BOUND_S)
+            except CommandFailed:
+                pass  # an unkillable GPU: it is ended with the rest
+        self.workers_at_end += len(self.tracker.children(sup.pid))
         self.note("end_" + kind, count=False)
         t_end = time.monotonic()
         if kind == "stop":
