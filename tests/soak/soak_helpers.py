@@ -3,6 +3,7 @@ tracking of every worker process a supervisor ever had, and stop requests left i
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,17 @@ import psutil
 import zmq
 
 from keepgpu.protocol.control import decode_reply, encode_request
+
+DEFAULT_FAULTS = 520
+DEFAULT_BUDGET_S = 170.0  # for DEFAULT_FAULTS; the issue asks for >= 500 faults in <= 3 min
+FAULTS = int(os.environ.get("KEEPGPU_SOAK_FAULTS", DEFAULT_FAULTS))
+BUDGET_S = float(
+    os.environ.get("KEEPGPU_SOAK_BUDGET_S", DEFAULT_BUDGET_S * max(1.0, FAULTS / DEFAULT_FAULTS))
+)
+EXTRA = {k.strip() for k in os.environ.get("KEEPGPU_SOAK_EXTRA", "").split(",") if k.strip()}
+KNOWN_EXTRA = {"sup_sigstop", "stop_at_spawn", "late_sigterm"}
+SLACK_S = 4.0  # on top of every documented bound: a 2-core machine shared with other tests
+STATUS_BOUND_S = 5.0
 
 #: The documented slot states (README "GPU states", docs/protocol.md).
 STATES = frozenset(
