@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 
 from keepgpu.protocol.control import decode_reply, encode_request
@@ -18,6 +19,10 @@ _ids = itertools.count(1)
 
 class NoSupervisor(Exception):
     """Nothing answered within the timeout (keepgpu-ctl exit 3)."""
+
+
+class BadEndpoint(ValueError):
+    """The endpoint is not one ZeroMQ can connect to (keepgpu-ctl exit 2)."""
 
 
 class CommandFailed(Exception):
@@ -31,6 +36,35 @@ class CommandFailed(Exception):
 
 def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
     return paths_for(name, runtime_dir).control_endpoint
+
+
+def stale_socket(socket_path: str) -> str | None:
+    """Why the supervisor behind ipc socket file `socket_path` is known to be gone, else None.
+
+    A SIGKILLed supervisor leaves its `<name>.ctl` and `<name>.pid` behind; connecting would
+    wait out the whole timeout. The pid file next to the socket tells at once: its pid gone, a
+    zombie, or not a keepgpu process (pid reused). Only reads files: taking the supervisor's
+    flock, even briefly, would refuse a supervisor starting at that moment. Without a pid file
+    (a custom --control path) or when the process cannot be inspected, None: ask the socket.
+    """
+    if not socket_path.endswith(".ctl"):
+        return None
+    pidfile = socket_path[: -len(".ctl")] + ".pid"
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"its supervisor (pid {pid}) has exited; stale socket {socket_path}"
+        if not any("keepgpu" in part for part in proc.cmdline()):
+            return f"pid {pid} in {pidfile} is not a keepgpu supervisor; stale socket {socket_path}"
+    except psutil.NoSuchProcess:
+        return f"its supervisor (pid {pid}) is gone; stale socket {socket_path}"
+    except psutil.Error:
+        return None
+    return None
 
 
 class Client:
@@ -55,7 +89,11 @@ class Client:
             # on a socket not yet finalized; linger 0 makes every close immediate.
             sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             sock.linger = 0
-            sock.connect(self.endpoint)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise BadEndpoint(f"cannot connect to {self.endpoint!r}: {exc.strerror}") from None
             self._sock = sock
         return self._sock
 
@@ -74,9 +112,13 @@ class Client:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:
-        """Send `cmd` and return its result; raises NoSupervisor or CommandFailed."""
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
-            raise NoSupervisor(f"no supervisor socket at {self.endpoint[6:]}")
+        """Send `cmd` and return its result; raises NoSupervisor, CommandFailed or BadEndpoint."""
+        if self.endpoint.startswith("ipc://"):
+            if not os.path.exists(self.endpoint[6:]):
+                raise NoSupervisor(f"no supervisor socket at {self.endpoint[6:]}")
+            why = stale_socket(self.endpoint[6:])
+            if why:
+                raise NoSupervisor(why)
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         sock = self._socket()

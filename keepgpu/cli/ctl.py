@@ -2,6 +2,11 @@
 
 Exit codes: 0 ok; 1 command failed / some GPU not released cleanly; 2 usage; 3 no supervisor
 answering; 4 every GPU fatal (wait --ready).
+
+Environment: the one rule of every keepgpu CLI, `KEEPGPU_<OPTION>`: KEEPGPU_NAME (shared with
+keepgpu-supervise --name), KEEPGPU_CONTROL (keepgpu-supervise's --control: our --endpoint),
+KEEPGPU_TIMEOUT; the older KEEPGPU_CTL_NAME / _ENDPOINT / _TIMEOUT still work and win. Command
+options (--gpus...) are not read from KEEPGPU_*: a job's KEEPGPU_GPUS=0 must not narrow `stop`.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from keepgpu.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_NO_SUPERVISOR,
+    EXIT_USAGE,
+    FiniteRange,
     fail,
+    from_env,
     run_standalone,
 )
 from keepgpu.cli.table import render_status, render_stop
-from keepgpu.client import Client, CommandFailed, NoSupervisor, endpoint_for
-from keepgpu.protocol.control import MODES
+from keepgpu.client import BadEndpoint, Client, CommandFailed, NoSupervisor, endpoint_for
+from keepgpu.protocol.control import MAX_SECONDS, MODES
 from keepgpu.protocol.runtime import RuntimeDirError
 from keepgpu.protocol.units import UnitError, parse_vram
 
@@ -41,6 +49,8 @@ class Ctx:
             return self.client.call(cmd, args, wait)
         except NoSupervisor as exc:
             fail(EXIT_NO_SUPERVISOR, f"no supervisor answering: {exc}")
+        except BadEndpoint as exc:
+            fail(EXIT_USAGE, str(exc))
         except CommandFailed as exc:
             fail(EXIT_FAILED, exc.message if exc.code != "bad_reply" else str(exc))
 
@@ -62,6 +72,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _gpus(value: str | None) -> list[int | str] | None:
+    """`--gpus` as protocol refs; what the supervisor would refuse as invalid is usage here."""
     if value is None:
         return None
     out: list[int | str] = []
@@ -69,8 +80,26 @@ def _gpus(value: str | None) -> list[int | str] | None:
         token = token.strip()
         if not token:
             raise click.BadParameter(f"empty entry in {value!r}", param_hint="--gpus")
-        out.append(int(token) if token.isdigit() else token)
+        if len(token) > 128:
+            raise click.BadParameter(f"entry longer than 128 characters: {token[:20]}...",
+                                     param_hint="--gpus")
+        ref: int | str = int(token) if token.isdigit() else token
+        if ref in out:
+            raise click.BadParameter(f"{value!r} names GPU {token} twice", param_hint="--gpus")
+        out.append(ref)
     return out
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """ipc://PATH or tcp://HOST:PORT: anything else is a usage error, not a ZeroMQ traceback."""
+    if value is None:
+        return None
+    if value.startswith("ipc://") and len(value) > 6:
+        return value
+    host, colon, port = value[6:].rpartition(":") if value.startswith("tcp://") else ("", "", "")
+    if host and colon and port.isdigit() and 0 < int(port) < 65536:
+        return value
+    raise click.BadParameter(f"{value!r}: use ipc://PATH or tcp://HOST:PORT")
 
 
 def _args(**kw: Any) -> dict[str, Any]:
@@ -82,9 +111,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print the JS
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KEEPGPU_CTL"})
-@click.option("--name", default="default", help="supervisor name")
-@click.option("--endpoint", default=None, help="control endpoint (overrides --name)")
-@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=5.0,
+@click.option("--name", default="default", envvar=["KEEPGPU_CTL_NAME", "KEEPGPU_NAME"],
+              help="supervisor name")
+@click.option("--endpoint", default=None, envvar=["KEEPGPU_CTL_ENDPOINT", "KEEPGPU_CONTROL"],
+              callback=_endpoint, help="control endpoint (overrides --name)")
+@click.option("--timeout", type=FiniteRange(0.01, 3600), default=5.0,
+              envvar=["KEEPGPU_CTL_TIMEOUT", "KEEPGPU_TIMEOUT"],
               help="seconds to wait for an answer")
 @click.version_option(__version__, prog_name="keepgpu-ctl")
 @click.pass_context
@@ -93,7 +125,8 @@ def cli(ctx: click.Context, name: str, endpoint: str | None, timeout: float) -> 
     try:
         ep = endpoint or endpoint_for(name)
     except RuntimeDirError as exc:
-        fail(EXIT_CONFIG, str(exc))
+        var = from_env(ctx, "name")
+        fail(EXIT_CONFIG, f"{var}: {exc}" if var else str(exc))
     ctx.obj = Ctx(ep, timeout, False)
     ctx.call_on_close(ctx.obj.client.close)
 
@@ -127,10 +160,11 @@ def stop(obj: Ctx, gpus: str | None, as_json: bool) -> int:
     """Release GPUs (all, and end the supervisor, when --gpus is not given). Returns once the
     workers are gone; exit 1 when any was killed or is unkillable."""
     obj.as_json = as_json
+    refs = _gpus(gpus)  # a usage error before anything is asked of the supervisor
     sup = obj.call("status").get("supervisor", {})
     cfg = sup.get("config", {})
     bound = float(cfg.get("join_timeout_s", 5)) + float(cfg.get("kill_timeout_s", 5))
-    result = obj.call("stop", _args(gpus=_gpus(gpus)), wait=bound + obj.timeout)
+    result = obj.call("stop", _args(gpus=refs), wait=bound + obj.timeout)
     if result.get("exiting") and isinstance(sup.get("pid"), int):
         result["supervisor_exited"] = _wait_gone(sup["pid"], obj.timeout)
     obj.show(result, render_stop(result))
@@ -153,8 +187,8 @@ def start(obj: Ctx, gpus: str | None, as_json: bool) -> int:
 
 @cli.command()
 @gpus_option
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="resume by itself after this long")
+@click.option("--seconds", type=FiniteRange(0, MAX_SECONDS, min_open=True), default=None,
+              help="resume by itself after this long (at most 30 days)")
 @json_option
 @click.pass_obj
 def pause(obj: Ctx, gpus: str | None, seconds: float | None, as_json: bool) -> int:
@@ -188,9 +222,9 @@ def _applied(verb: str, result: dict[str, Any]) -> str:
 @gpus_option
 @click.option("--vram", default=None)
 @click.option("--mode", type=click.Choice(MODES), default=None)
-@click.option("--target-util", type=click.FloatRange(1, 100), default=None)
-@click.option("--busy-threshold", type=click.FloatRange(-1, 100), default=None)
-@click.option("--max-temp", type=click.FloatRange(1, 150), default=None)
+@click.option("--target-util", type=FiniteRange(1, 100), default=None)
+@click.option("--busy-threshold", type=FiniteRange(-1, 100), default=None)
+@click.option("--max-temp", type=FiniteRange(1, 150), default=None)
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=None)
 @json_option
 @click.pass_obj
@@ -212,7 +246,7 @@ def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
 
 @cli.command()
 @click.option("--ready", is_flag=True, required=True, help="wait until every GPU holds")
-@click.option("--timeout", "--wait-timeout", "wait_timeout", type=click.FloatRange(0, 86400),
+@click.option("--timeout", "--wait-timeout", "wait_timeout", type=FiniteRange(0, 86400),
               default=300.0, help="give up after this many seconds (exit 1, or 3 if no supervisor)")
 @click.pass_obj
 def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
@@ -223,6 +257,8 @@ def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
             result = obj.client.call("status")
         except NoSupervisor:
             result = None
+        except BadEndpoint as exc:
+            fail(EXIT_USAGE, str(exc))
         except CommandFailed as exc:
             fail(EXIT_FAILED, exc.message)
         if result is not None:
