@@ -12,7 +12,6 @@ import uuid
 
 import psutil
 import pytest
-
 from conftest import CTL, SUPERVISE, Sup, wait_until
 
 HUGE = "1" * 400
