@@ -264,7 +264,12 @@ def test_protocol_fuzz(start_sup: Any) -> None:
     assert sum(counts.values()) >= TOTAL
     # Nothing restarted, nothing stopped: the same supervisor and the same workers.
     assert sup.proc.poll() is None
+    now = sup.gpus()
+    assert {g["gpu"]: (g["pid"], g["incarnation"]) for g in now} == before
+    assert all(g["restarts"] == 0 for g in now)
+    # Valid `set`s may have left a thermal or busy backoff (e.g. max_temp 20): undo them and
+    # the pauses with valid commands; the same workers then hold again.
+    sup.call("set", {"max_temp": 83, "busy_threshold": 10, "target_util": 30})
     sup.call("resume")
-    after = sup.wait_states("holding")
+    after = sup.wait_states("holding", timeout=30)
     assert {g["gpu"]: (g["pid"], g["incarnation"]) for g in after} == before
-    assert all(g["restarts"] == 0 for g in after)
