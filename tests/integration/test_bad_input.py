@@ -31,6 +31,18 @@ def assert_one_line(out: subprocess.CompletedProcess[str], code: int) -> str:
     return lines[0]
 
 
+def assert_none_left(name: str) -> None:
+    """No process of supervisor `name`; any found (a regression) is killed by pid first, its
+    workers following by PR_SET_PDEATHSIG."""
+    left = processes_named(name)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert left == []
+
+
 def processes_named(name: str) -> list[int]:
     """Pids of keepgpu processes started with `--name name` (our names are unique per test)."""
     found = []
@@ -73,19 +85,23 @@ def test_supervise_refuses_bad_input(base_env, runtime_dir, argv, env, code, tex
     name = f"b{uuid.uuid4().hex[:8]}"
     extra = ["--detach"] if detach else []
     out = run([*SUPERVISE, "--name", name, "--gpus", "0", *extra, *argv], {**base_env, **env})
-    assert text in assert_one_line(out, code)
-    # Refused up front: no daemon, no worker, no pid file.
-    assert not (runtime_dir / f"{name}.pid").exists()
-    assert processes_named(name) == []
+    try:
+        assert text in assert_one_line(out, code)
+        # Refused up front: no daemon, no worker, no pid file.
+        assert not (runtime_dir / f"{name}.pid").exists()
+    finally:
+        assert_none_left(name)
 
 
 def test_detach_log_file_in_missing_dir_is_config_error(base_env, runtime_dir):
     name = f"b{uuid.uuid4().hex[:8]}"
     out = run([*SUPERVISE, "--name", name, "--gpus", "0", "--detach",
                "--log-file", "/nonexistent/x.log"], base_env)
-    assert "/nonexistent/x.log" in assert_one_line(out, 78)
-    assert not (runtime_dir / f"{name}.pid").exists()
-    assert processes_named(name) == []
+    try:
+        assert "/nonexistent/x.log" in assert_one_line(out, 78)
+        assert not (runtime_dir / f"{name}.pid").exists()
+    finally:
+        assert_none_left(name)
 
 
 def test_detach_relative_log_file_is_resolved_before_the_daemon_chdirs(base_env, tmp_path):
@@ -116,10 +132,12 @@ def test_torch_engine_without_torch_exits_78_at_once(base_env, runtime_dir, engi
     env = {**base_env, "KEEPGPU_ENGINE": engine, "CUDA_VISIBLE_DEVICES": "0"}
     t0 = time.monotonic()
     out = run([sys.executable, "-c", NO_TORCH, "--name", name, "--gpus", "0"], env)
-    line = assert_one_line(out, 78)
-    assert "torch" in line and "pip install" in line and "--engine fake" in line
-    assert time.monotonic() - t0 < 20  # no worker start, no restarts
-    assert processes_named(name) == []
+    try:
+        line = assert_one_line(out, 78)
+        assert "torch" in line and "pip install" in line and "--engine fake" in line
+        assert time.monotonic() - t0 < 20  # no worker start, no restarts
+    finally:
+        assert_none_left(name)
 
 
 CTL_CASES = [
