@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -24,6 +25,10 @@ _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_
 
 class NoSupervisor(Exception):
     """Nothing answered within the timeout (keepgpu-ctl exit 3)."""
+
+
+class BadEndpoint(ValueError):
+    """The endpoint is not one ZeroMQ can connect to (keepgpu-ctl exit 2)."""
 
 
 class CommandFailed(Exception):
@@ -56,6 +61,36 @@ def _handshake_failure(event: int, endpoint: str, server_key_file: str) -> str:
 
 def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
     return paths_for(name, runtime_dir).control_endpoint
+
+
+def stale_socket(socket_path: str) -> str | None:
+    """Why the supervisor behind ipc socket file `socket_path` is known to be gone, else None.
+
+    A SIGKILLed supervisor leaves its `<name>.ctl` and `<name>.pid` behind; connecting would
+    wait out the whole timeout. The pid file next to the socket tells at once: its pid gone, a
+    zombie, or not a keepgpu process (pid reused). Only reads files: taking the supervisor's
+    flock, even briefly, would refuse a supervisor starting at that moment. Without a pid file
+    (a custom --control path) or when the process cannot be inspected, None: ask the socket.
+    """
+    if not socket_path.endswith(".ctl"):
+        return None
+    pidfile = socket_path[: -len(".ctl")] + ".pid"
+    try:
+        # Line 1 is the pid (line 2, when present, the endpoint it got).
+        pid = int(Path(pidfile).read_text().split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"its supervisor (pid {pid}) has exited; stale socket {socket_path}"
+        if not any("keepgpu" in part for part in proc.cmdline()):
+            return f"pid {pid} in {pidfile} is not a keepgpu supervisor; stale socket {socket_path}"
+    except psutil.NoSuchProcess:
+        return f"its supervisor (pid {pid}) is gone; stale socket {socket_path}"
+    except psutil.Error:
+        return None
+    return None
 
 
 class Client:
@@ -99,6 +134,10 @@ class Client:
                 self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
                 self._monitor.linger = 0
                 sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                self._drop_socket()
+                raise BadEndpoint(f"cannot connect to {self.endpoint!r}: {exc.strerror}") from None
             except BaseException:
                 sock.close(linger=0)
                 self._drop_socket()
@@ -135,11 +174,16 @@ class Client:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None
              ) -> dict[str, Any]:
-        """Send `cmd` and return its result; raises NoSupervisor or CommandFailed."""
+        """Send `cmd` and return its result; raises NoSupervisor, CommandFailed, AuthFailed or
+        BadEndpoint."""
         ep = self._ep
         # An abstract name (ipc://@NAME) has no file to look for.
-        if ep.kind == "ipc" and not os.path.exists(ep.path):
-            raise NoSupervisor(f"no supervisor socket at {ep.path}")
+        if ep.kind == "ipc":
+            if not os.path.exists(ep.path):
+                raise NoSupervisor(f"no supervisor socket at {ep.path}")
+            why = stale_socket(ep.path)
+            if why:
+                raise NoSupervisor(why)
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         sock = self._socket()

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # keepgpu in one minute, on any machine (no GPU needed: the fake engine stands in for GPUs).
 # Installs keepgpu, holds 4 fake GPUs, kills a worker and watches it come back, then releases
-# everything and checks that no keepgpu process is left.
+# everything and checks that no keepgpu process is left. Where python3 refuses pip installs
+# (stock Debian/Ubuntu) it installs into .venv of this checkout instead; PYTHON=... picks one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/pyenv.sh
+pick_python
 "$PY" -m pip install -q --disable-pip-version-check -e .
+# The keepgpu-* commands of that interpreter, wherever pip put them.
+PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export KEEPGPU_ENGINE=${KEEPGPU_ENGINE:-fake}
 NAME=quickstart-$$
 

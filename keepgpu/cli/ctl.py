@@ -3,6 +3,11 @@
 Exit codes: 0 ok; 1 command failed / refused during the handshake (uid or CURVE key) / some GPU
 not released cleanly; 2 usage; 3 no supervisor
 answering; 4 every GPU fatal (wait --ready).
+
+Environment: the one rule of every keepgpu CLI, `KEEPGPU_<OPTION>`: KEEPGPU_NAME (shared with
+keepgpu-supervise --name), KEEPGPU_CONTROL (keepgpu-supervise's --control: our --endpoint),
+KEEPGPU_TIMEOUT; the older KEEPGPU_CTL_NAME / _ENDPOINT / _TIMEOUT still work and win. Command
+options (--gpus...) are not read from KEEPGPU_*: a job's KEEPGPU_GPUS=0 must not narrow `stop`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from keepgpu.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_NO_SUPERVISOR,
+    EXIT_USAGE,
+    FiniteRange,
     fail,
+    from_env,
     run_standalone,
 )
 from keepgpu.cli.table import render_status, render_stop
-from keepgpu.client import Client, CommandFailed, NoSupervisor, endpoint_for
-from keepgpu.protocol.control import MODES
+from keepgpu.client import BadEndpoint, Client, CommandFailed, NoSupervisor, endpoint_for
+from keepgpu.protocol.control import MAX_SECONDS, MODES
 from keepgpu.protocol.endpoint import EndpointError
 from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import RuntimeDirError
@@ -44,6 +52,8 @@ class Ctx:
             return self.client.call(cmd, args, wait)
         except NoSupervisor as exc:
             fail(EXIT_NO_SUPERVISOR, f"no supervisor answering: {exc}")
+        except BadEndpoint as exc:
+            fail(EXIT_USAGE, str(exc))
         except CommandFailed as exc:
             fail(EXIT_FAILED, exc.message if exc.code != "bad_reply" else str(exc))
 
@@ -65,6 +75,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _gpus(value: str | None) -> list[int | str] | None:
+    """`--gpus` as protocol refs; what the supervisor would refuse as invalid is usage here."""
     if value is None:
         return None
     out: list[int | str] = []
@@ -72,8 +83,27 @@ def _gpus(value: str | None) -> list[int | str] | None:
         token = token.strip()
         if not token:
             raise click.BadParameter(f"empty entry in {value!r}", param_hint="--gpus")
-        out.append(int(token) if token.isdigit() else token)
+        if len(token) > 128:
+            raise click.BadParameter(f"entry longer than 128 characters: {token[:20]}...",
+                                     param_hint="--gpus")
+        ref: int | str = int(token) if token.isdigit() else token
+        if ref in out:
+            raise click.BadParameter(f"{value!r} names GPU {token} twice", param_hint="--gpus")
+        out.append(ref)
     return out
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """ipc://PATH, ipc://@NAME or tcp://HOST:PORT (keepgpu.protocol.endpoint's rules): anything
+    else is one line and exit 78, as for a bad --name, never a ZeroMQ traceback."""
+    if value is None:
+        return None
+    try:
+        parse_endpoint(value)
+    except EndpointError as exc:
+        var = from_env(ctx, "endpoint")
+        fail(EXIT_CONFIG, f"{var}: {exc}" if var else f"--endpoint: {exc}")
+    return value
 
 
 def _args(**kw: Any) -> dict[str, Any]:
@@ -85,9 +115,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print the JS
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KEEPGPU_CTL"})
-@click.option("--name", default="default", help="supervisor name")
-@click.option("--endpoint", default=None, help="control endpoint (overrides --name)")
-@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=5.0,
+@click.option("--name", default="default", envvar=["KEEPGPU_CTL_NAME", "KEEPGPU_NAME"],
+              help="supervisor name")
+@click.option("--endpoint", default=None, envvar=["KEEPGPU_CTL_ENDPOINT", "KEEPGPU_CONTROL"],
+              callback=_endpoint, help="control endpoint (overrides --name)")
+@click.option("--timeout", type=FiniteRange(0.01, 3600), default=5.0,
+              envvar=["KEEPGPU_CTL_TIMEOUT", "KEEPGPU_TIMEOUT"],
               help="seconds to wait for an answer")
 @click.version_option(__version__, prog_name="keepgpu-ctl")
 @click.pass_context
@@ -95,9 +128,9 @@ def cli(ctx: click.Context, name: str, endpoint: str | None, timeout: float) -> 
     """Control a keepgpu supervisor."""
     try:
         ep = endpoint or endpoint_for(name)
-        parse_endpoint(ep)
-    except (RuntimeDirError, EndpointError) as exc:
-        fail(EXIT_CONFIG, str(exc))
+    except RuntimeDirError as exc:
+        var = from_env(ctx, "name")
+        fail(EXIT_CONFIG, f"{var}: {exc}" if var else str(exc))
     ctx.obj = Ctx(ep, timeout, False)
     ctx.call_on_close(ctx.obj.client.close)
 
@@ -131,10 +164,11 @@ def stop(obj: Ctx, gpus: str | None, as_json: bool) -> int:
     """Release GPUs (all, and end the supervisor, when --gpus is not given). Returns once the
     workers are gone; exit 1 when any was killed or is unkillable."""
     obj.as_json = as_json
+    refs = _gpus(gpus)  # a usage error before anything is asked of the supervisor
     sup = obj.call("status").get("supervisor", {})
     cfg = sup.get("config", {})
     bound = float(cfg.get("join_timeout_s", 5)) + float(cfg.get("kill_timeout_s", 5))
-    result = obj.call("stop", _args(gpus=_gpus(gpus)), wait=bound + obj.timeout)
+    result = obj.call("stop", _args(gpus=refs), wait=bound + obj.timeout)
     if result.get("exiting") and isinstance(sup.get("pid"), int):
         result["supervisor_exited"] = _wait_gone(sup["pid"], obj.timeout)
     obj.show(result, render_stop(result))
@@ -157,8 +191,8 @@ def start(obj: Ctx, gpus: str | None, as_json: bool) -> int:
 
 @cli.command()
 @gpus_option
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="resume by itself after this long")
+@click.option("--seconds", type=FiniteRange(0, MAX_SECONDS, min_open=True), default=None,
+              help="resume by itself after this long (at most 30 days)")
 @json_option
 @click.pass_obj
 def pause(obj: Ctx, gpus: str | None, seconds: float | None, as_json: bool) -> int:
@@ -192,9 +226,9 @@ def _applied(verb: str, result: dict[str, Any]) -> str:
 @gpus_option
 @click.option("--vram", default=None)
 @click.option("--mode", type=click.Choice(MODES), default=None)
-@click.option("--target-util", type=click.FloatRange(1, 100), default=None)
-@click.option("--busy-threshold", type=click.FloatRange(-1, 100), default=None)
-@click.option("--max-temp", type=click.FloatRange(1, 150), default=None)
+@click.option("--target-util", type=FiniteRange(1, 100), default=None)
+@click.option("--busy-threshold", type=FiniteRange(-1, 100), default=None)
+@click.option("--max-temp", type=FiniteRange(1, 150), default=None)
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=None)
 @json_option
 @click.pass_obj
@@ -216,7 +250,7 @@ def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
 
 @cli.command()
 @click.option("--ready", is_flag=True, required=True, help="wait until every GPU holds")
-@click.option("--timeout", "--wait-timeout", "wait_timeout", type=click.FloatRange(0, 86400),
+@click.option("--timeout", "--wait-timeout", "wait_timeout", type=FiniteRange(0, 86400),
               default=300.0, help="give up after this many seconds (exit 1, or 3 if no supervisor)")
 @click.pass_obj
 def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
@@ -227,6 +261,8 @@ def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
             result = obj.client.call("status")
         except NoSupervisor:
             result = None
+        except BadEndpoint as exc:
+            fail(EXIT_USAGE, str(exc))
         except CommandFailed as exc:
             fail(EXIT_FAILED, exc.message)
         if result is not None:

@@ -13,16 +13,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keepgpu.cli.common import EXIT_ALL_FATAL, EXIT_FAILED, Exit
+from keepgpu.cli.common import EXIT_ALL_FATAL, EXIT_CONFIG, EXIT_FAILED, Exit, fail
 
 
-def daemonize(log_path: Path) -> int | None:
+def open_log_file(path: Path) -> tuple[Path, int]:
+    """(absolute path, fd open for appending) of the daemon's log; exit 78 when it cannot be
+    opened. Called before forking, so a refused start leaves nothing running."""
+    path = path.expanduser().absolute()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        fail(EXIT_CONFIG, f"cannot open --log-file {path}: {exc.strerror}")
+    if not os.path.isfile(path):
+        os.close(fd)
+        fail(EXIT_CONFIG, f"cannot use --log-file {path}: not a regular file")
+    return path, fd
+
+
+def daemonize(log_fd: int) -> int | None:
     """Fork twice (new session). In the original process return the read end of the report
-    pipe; in the daemon return None after pointing stdio at `log_path`."""
+    pipe; in the daemon return None after pointing stdio at `log_fd` (see open_log_file)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid > 0:
         os.close(write_fd)
+        os.close(log_fd)
         os.waitpid(pid, 0)
         return read_fd
     os.close(read_fd)
@@ -33,7 +48,6 @@ def daemonize(log_path: Path) -> int | None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)

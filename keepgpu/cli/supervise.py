@@ -7,6 +7,7 @@ Exit codes: 0 released cleanly; 1 some GPU not released cleanly / already runnin
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 import sys
@@ -18,11 +19,19 @@ import click
 import zmq
 
 from keepgpu._version import __version__
-from keepgpu.cli.common import EXIT_CONFIG, Exit, fail, run_standalone, setup_logging
-from keepgpu.cli.detach import Reporter, daemonize, wait_for_daemon
+from keepgpu.cli.common import (
+    EXIT_CONFIG,
+    Exit,
+    FiniteRange,
+    bad_option,
+    fail,
+    run_standalone,
+    setup_logging,
+)
+from keepgpu.cli.detach import Reporter, daemonize, open_log_file, wait_for_daemon
 from keepgpu.protocol import defaults as d
-from keepgpu.protocol import keys
-from keepgpu.protocol.control import MODES
+from keepgpu.protocol import faults, keys
+from keepgpu.protocol.control import MAX_SECONDS, MODES
 from keepgpu.protocol.endpoint import EndpointError
 from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import (
@@ -32,12 +41,13 @@ from keepgpu.protocol.runtime import (
     ensure_dir,
     paths_for,
 )
-from keepgpu.protocol.units import UnitError, parse_vram
+from keepgpu.protocol.units import UnitError, parse_size, parse_vram
 from keepgpu.supervisor import watch
 from keepgpu.supervisor.config import ENGINES, SupervisorConfig, WorkerSettings
 from keepgpu.supervisor.devices import ConfigError, Device, Visible, select, visible_devices
 from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
 from keepgpu.supervisor.loop import Supervisor
+from keepgpu.telemetry.fake import parse_scenario
 
 log = logging.getLogger("keepgpu.supervisor")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -50,12 +60,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 
 
 def _seconds(flag: str, default: float, help: str = "seconds") -> Callable[[_F], _F]:
-    """A positive duration option."""
-    return click.option(flag, type=float, default=default, callback=_positive, help=help)
+    """A positive, finite duration option of at most 30 days (deadlines must stay
+    representable: inf or 1e300 would overflow poll() and select())."""
+    return click.option(flag, type=FiniteRange(max=MAX_SECONDS), default=default,
+                        callback=_positive, help=help)
 
 
 def _pct(lo: float) -> click.FloatRange:
-    return click.FloatRange(lo, 100.0)
+    return FiniteRange(lo, 100.0)
 
 
 def check_control(endpoint: str) -> str:
@@ -80,7 +92,7 @@ def check_control(endpoint: str) -> str:
               help="utilization target, percent")
 @click.option("--busy-threshold", type=_pct(-1), default=d.BUSY_THRESHOLD,
               help="back off when other processes use more than this percent; -1 never")
-@click.option("--max-temp", type=click.FloatRange(1, 150), default=d.MAX_TEMP,
+@click.option("--max-temp", type=FiniteRange(1, 150), default=d.MAX_TEMP,
               help="pause above, °C")
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=d.ON_PRESSURE)
 @_seconds("--heartbeat", d.HEARTBEAT_S)
@@ -106,11 +118,11 @@ def check_control(endpoint: str) -> str:
 def cli(**opts: Any) -> int:
     """Hold GPUs with one isolated worker process per GPU, until stopped."""
     if opts["heartbeat"] * 2 > opts["hang_timeout"]:
-        raise click.BadParameter("--hang-timeout must be at least twice --heartbeat")
+        bad_option("hang_timeout", "--hang-timeout must be at least twice --heartbeat")
     try:
         vram = parse_vram(opts["vram"])
     except UnitError as exc:
-        raise click.BadParameter(str(exc), param_hint="--vram") from None
+        bad_option("vram", str(exc))
     worker = WorkerSettings(
         engine=opts["engine"],
         vram=vram,
@@ -158,12 +170,38 @@ def _prepare(config: SupervisorConfig) -> tuple[Paths, list[Device], Visible]:
         if config.control:
             config.control = check_control(config.control)
         _ = paths.control_endpoint, paths.workers_endpoint  # path length checks
+        _check_engine(config.worker.engine)  # before device discovery: its advice needs torch
         visible = visible_devices(config.worker.engine)
         devices = select(config.gpus, visible)
     except (RuntimeDirError, ConfigError) as exc:
         fail(EXIT_CONFIG, str(exc))
     config.worker.engine = visible.engine
     return paths, devices, visible
+
+
+def _check_engine(engine: str) -> None:
+    """What every worker would die of at start, found once here (ConfigError, exit 78):
+    torch missing for a torch engine, or a malformed KEEPGPU_FAKE_* for the fake one."""
+    if engine != "fake":
+        # find_spec looks torch up without importing it (the supervisor never loads torch).
+        if importlib.util.find_spec("torch") is None:
+            raise ConfigError(
+                f"--engine {engine} needs torch, which is not installed for {sys.executable}: "
+                "install a build for your GPU (pip install torch, see pytorch.org), "
+                "or use --engine fake"
+            )
+        return
+    try:
+        faults.check_env()
+        parse_size(os.environ.get("KEEPGPU_FAKE_MEM_TOTAL", "80GiB"))
+    except faults.FaultError as exc:
+        raise ConfigError(str(exc)) from None
+    except UnitError as exc:
+        raise ConfigError(f"KEEPGPU_FAKE_MEM_TOTAL: {exc}") from None
+    try:
+        parse_scenario(os.environ.get("KEEPGPU_FAKE_TELEMETRY", "idle"))
+    except ValueError as exc:
+        raise ConfigError(f"KEEPGPU_FAKE_TELEMETRY: {exc}") from None
 
 
 def serve(
@@ -178,8 +216,10 @@ def serve(
     if exit_with is not None and not watch.exists(exit_with):
         fail(EXIT_CONFIG, f"--exit-with {exit_with}: no such process")
     if detach:
-        log_path = log_file or paths.logfile
-        read_fd = daemonize(log_path)
+        # Opened (and made absolute) before forking: a bad path is exit 78 with nothing
+        # started, and a relative one is not re-resolved after the daemon's chdir("/").
+        log_path, log_fd = open_log_file(log_file or paths.logfile)
+        read_fd = daemonize(log_fd)
         if read_fd is not None:  # the starting shell
             wait_s = config.start_timeout_s + config.join_timeout_s + config.kill_timeout_s + 10
             code, line = wait_for_daemon(read_fd, wait_s, log_path)

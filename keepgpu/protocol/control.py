@@ -8,6 +8,7 @@ Reply:   `{"v":1,"id":<same>,"ok":true,"result":{...}}` or
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from keepgpu.protocol.units import UnitError, parse_vram
 
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
+#: Longest duration accepted anywhere (pause `seconds`, CLI timeouts): 30 days. A bound keeps
+#: deadlines representable for poll()/select() (which overflow on inf or 1e300).
+MAX_SECONDS = 30 * 24 * 3600
 
 MODES = ("duty", "sm", "compute", "pstate")
 ERROR_CODES = (
@@ -47,6 +51,12 @@ class Request:
     id: Any = None
 
 
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (a 4000-digit number stays readable)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _gpus(value: Any) -> list[GpuRef]:
     if not isinstance(value, list) or not value:
         raise ProtocolError("invalid_argument", "gpus must be a non-empty list of ids")
@@ -55,7 +65,7 @@ def _gpus(value: Any) -> list[GpuRef]:
         if isinstance(item, bool) or not isinstance(item, int | str):
             raise ProtocolError("invalid_argument", f"gpu id must be int or string: {item!r}")
         if isinstance(item, int) and item < 0:
-            raise ProtocolError("invalid_argument", f"gpu id must not be negative: {item}")
+            raise ProtocolError("invalid_argument", f"gpu id must not be negative: {_short(item)}")
         if isinstance(item, str) and not (0 < len(item) <= 128):
             raise ProtocolError("invalid_argument", "gpu id string must be 1-128 characters")
         if item in out:
@@ -64,23 +74,26 @@ def _gpus(value: Any) -> list[GpuRef]:
     return out
 
 
+def _in_range(value: Any, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("invalid_argument", f"{name} must be a number")
+    # Compare before float(): a 400-digit int compares exactly but float() would overflow.
+    inside = (lo < value if lo_open else lo <= value) and value <= hi
+    if not inside or (isinstance(value, float) and not math.isfinite(value)):
+        bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ProtocolError("invalid_argument", f"{name} must be in {bounds}: {_short(value)}")
+    return float(value)
+
+
 def _number(lo: float, hi: float, name: str) -> Callable[[Any], float]:
     def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError("invalid_argument", f"{name} must be a number")
-        if not lo <= float(value) <= hi:
-            raise ProtocolError("invalid_argument", f"{name} must be in [{lo:g}, {hi:g}]: {value}")
-        return float(value)
+        return _in_range(value, name, lo, hi)
 
     return check
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ProtocolError("invalid_argument", "seconds must be a number")
-    if not 0 < float(value) <= 30 * 24 * 3600:
-        raise ProtocolError("invalid_argument", f"seconds must be in (0, 2592000]: {value}")
-    return float(value)
+    return _in_range(value, "seconds", 0, MAX_SECONDS, lo_open=True)
 
 
 def _vram(value: Any) -> str | int:
@@ -126,6 +139,28 @@ SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
 COMMANDS = tuple(SCHEMA)
 
 
+class _NotStrict(ValueError):
+    """JSON that Python's parser accepts but RFC 8259 does not (NaN, duplicate keys)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotStrict(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _NotStrict(f"duplicate key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads refusing NaN/Infinity and duplicate object keys (ValueError/RecursionError)."""
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
 def parse_request(frame: bytes) -> Request:
     """Decode and validate one request frame. Raises ProtocolError (id lost when undecodable)."""
     if len(frame) > MAX_REQUEST_BYTES:
@@ -133,9 +168,14 @@ def parse_request(frame: bytes) -> Request:
             "bad_request", f"request is {len(frame)} bytes; the limit is {MAX_REQUEST_BYTES}"
         )
     try:
-        obj = json.loads(frame.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("bad_request", f"request is not UTF-8 JSON: {exc}") from None
+        obj = loads_strict(frame.decode("utf-8"))
+    except _NotStrict as exc:
+        raise ProtocolError("bad_request", f"request is not strict JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers over Python's 4300-digit
+        # conversion limit; RecursionError, nesting deeper than the interpreter's stack.
+        msg = str(exc)[:200]
+        raise ProtocolError("bad_request", f"request is not UTF-8 JSON: {msg}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "request must be a JSON object")
     req_id = obj.get("id")
@@ -178,21 +218,39 @@ def _validate(obj: dict[str, Any], req_id: Any) -> Request:
 
 
 def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: Any = None) -> bytes:
-    return json.dumps({"v": VERSION, "id": req_id, "cmd": cmd, "args": args or {}}).encode()
+    return json.dumps({"v": VERSION, "id": req_id, "cmd": cmd, "args": args or {}},
+                      allow_nan=False).encode()
+
+
+def _dumps_reply(body: dict[str, Any]) -> bytes:
+    """Strict JSON whatever is in it: a value JSON cannot carry (NaN from a bug, an id built by
+    a caller) turns the reply into an `internal` error rather than non-JSON on the wire."""
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except (ValueError, TypeError, RecursionError) as exc:
+        req_id = body.get("id")
+        safe_id = req_id if req_id is None or isinstance(req_id, str | int) else None
+        try:
+            fallback = {"v": VERSION, "id": safe_id, "ok": False,
+                        "error": {"code": "internal", "message": f"unencodable reply: {exc}"}}
+            return json.dumps(fallback, allow_nan=False).encode()
+        except ValueError:  # an int id over the 4300-digit limit
+            fallback["id"] = None
+            return json.dumps(fallback, allow_nan=False).encode()
 
 
 def ok_reply(req_id: Any, result: dict[str, Any]) -> bytes:
-    return json.dumps({"v": VERSION, "id": req_id, "ok": True, "result": result}).encode()
+    return _dumps_reply({"v": VERSION, "id": req_id, "ok": True, "result": result})
 
 
 def error_reply(req_id: Any, code: str, message: str) -> bytes:
     body = {"code": code, "message": message}
-    return json.dumps({"v": VERSION, "id": req_id, "ok": False, "error": body}).encode()
+    return _dumps_reply({"v": VERSION, "id": req_id, "ok": False, "error": body})
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:
     """Decode a reply; raises ValueError when it is not a v1 reply envelope."""
-    obj = json.loads(frame.decode("utf-8"))
+    obj = loads_strict(frame.decode("utf-8"))
     if not isinstance(obj, dict) or obj.get("v") != VERSION or not isinstance(obj.get("ok"), bool):
         raise ValueError("not a keepgpu v1 reply")
     return obj

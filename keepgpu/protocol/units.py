@@ -22,6 +22,8 @@ _UNITS: dict[str, int] = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
+#: Largest size accepted (8 EiB): beyond any device, and still a C int64 for the engines.
+MAX_BYTES = 2**63 - 1
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _PCT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
 
@@ -67,9 +69,15 @@ def parse_size(text: str) -> int:
             f"unknown size unit {m.group(2)!r} in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB)"
         )
     value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value < 1:
+    if not math.isfinite(value) or value > MAX_BYTES:
+        raise UnitError(f"size is too large (at most 8 EiB): {_clip(text)}")
+    if value < 1:
         raise UnitError(f"size must be at least 1 byte: {text!r}")
     return int(value)
+
+
+def _clip(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
 def parse_vram(value: str | int) -> VramRequest:
@@ -78,13 +86,15 @@ def parse_vram(value: str | int) -> VramRequest:
         raise UnitError("vram must be a size string, a percent string or an integer byte count")
     if isinstance(value, int):
         if value < 1:
-            raise UnitError(f"vram must be positive: {value}")
+            raise UnitError(f"vram must be positive: {_clip(str(value))}")
+        if value > MAX_BYTES:
+            raise UnitError(f"vram is too large (at most 8 EiB): {_clip(str(value))}")
         return VramRequest(bytes=value)
     m = _PCT_RE.match(value)
     if m:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
-            raise UnitError(f"vram percent must be in (0, 100]: {value!r}")
+            raise UnitError(f"vram percent must be in (0, 100]: {_clip(value)}")
         return VramRequest(percent=pct)
     return VramRequest(bytes=parse_size(value))
 
