@@ -11,6 +11,10 @@ worker was pinned to (its CUDA_VISIBLE_DEVICES value).
   KEEPGPU_FAKE_START_DELAY=S     take S seconds before READY
   KEEPGPU_FAKE_EXIT_CONFIG=1     fail at start with exit code 78 (configuration error)
   KEEPGPU_FAKE_RELEASE_DELAY=S   take S seconds to release memory after STOP
+
+Read by keepgpu/worker/__main__.py before anything else (`VALUE` or `ENTRY:VALUE,...`):
+  KEEPGPU_FAKE_STOP_AT_SPAWN=1   SIGSTOP itself at its first line (PDEATHSIG tests)
+  KEEPGPU_FAKE_EXIT_AT_SPAWN=N   exit with code N at its first line (cheap restarts)
 """
 
 from __future__ import annotations
