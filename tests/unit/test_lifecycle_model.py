@@ -225,3 +225,43 @@ class LifecycleModel(RuleBasedStateMachine):
 
 TestLifecycleModel = LifecycleModel.TestCase
 TestLifecycleModel.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+def _one_holding() -> tuple[LifecycleModel, Slot]:
+    model = LifecycleModel()
+    slot = model._slot(0)
+    model.ready(0)
+    assert slot.state == "holding"
+    return model, slot
+
+
+def test_a_stall_of_the_supervisor_is_not_a_hang() -> None:
+    model, slot = _one_holding()
+    try:
+        model._advance(1.5)  # heartbeat age 1.5 of 2 s
+        model.now += 5.0  # SIGSTOPped; nothing was read meanwhile
+        model.life.discount(5.0)
+        model._loop_step()
+        assert slot.state == "holding", "the stall is discounted"
+        model._advance(0.9)  # within the resume grace (1 s): still not judged
+        assert slot.state == "holding" and slot.restarts == 0
+        model._advance(0.2)  # no heartbeat after all: a real hang, caught
+        assert slot.restarts == 1 and "no heartbeat for" in (slot.error or "")
+    finally:
+        model.teardown()
+
+
+def test_a_refused_set_is_not_kept_and_an_unfit_vram_is_dropped_at_restart() -> None:
+    model, slot = _one_holding()
+    try:
+        slot.overrides_before_set = {"mode": "sm"}
+        slot.overrides = {"mode": "sm", "vram": "2GiB"}
+        model.life.on_message(slot, {"t": "error", "message": "set refused: x", "refused": "set"})
+        assert slot.overrides == {"mode": "sm"}
+        slot.overrides["vram"] = 2**31  # above the 1 GiB the worker reported
+        model.crash(0, 3)
+        model._advance(1.0)
+        assert slot.incarnation == 2 and "vram" not in slot.overrides
+        assert slot.overrides == {"mode": "sm"}
+    finally:
+        model.teardown()
