@@ -265,3 +265,15 @@ def test_a_refused_set_is_not_kept_and_an_unfit_vram_is_dropped_at_restart() -> 
         assert slot.overrides == {"mode": "sm"}
     finally:
         model.teardown()
+
+
+def test_command_handlers_do_not_import_the_event_loop() -> None:
+    import ast
+
+    import keepgpu.supervisor.commands as commands
+
+    tree = ast.parse(Path(commands.__file__).read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "keepgpu.supervisor.loop" not in names
+    assert not any(name and name.endswith(".loop") for name in names)
