@@ -196,7 +196,8 @@ def start(obj: Ctx, gpus: str | None, as_json: bool) -> int:
 @json_option
 @click.pass_obj
 def pause(obj: Ctx, gpus: str | None, seconds: float | None, as_json: bool) -> int:
-    """Stop GPU activity (memory stays held)."""
+    """Stop GPU activity (memory stays held). Naming a stopped or fatal GPU fails (exit 1);
+    without --gpus those are skipped."""
     obj.as_json = as_json
     result = obj.call("pause", _args(gpus=_gpus(gpus), seconds=seconds))
     obj.show(result, _applied("paused", result))
@@ -233,7 +234,9 @@ def _applied(verb: str, result: dict[str, Any]) -> str:
 @json_option
 @click.pass_obj
 def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
-    """Change settings of running workers without restarting them."""
+    """Change settings of running workers without restarting them (kept for their restarts).
+    Naming a stopped or fatal GPU fails (exit 1); --vram is refused above the GPU's memory and,
+    as a size, while its first start has not reported that yet."""
     obj.as_json = as_json
     args = _args(**changes)
     if "vram" in args:

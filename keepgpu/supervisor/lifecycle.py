@@ -3,7 +3,9 @@ hang detection and the bounded stop sequence (STOP + SIGTERM, SIGKILL of the pro
 the join timeout, `unkillable` after the kill timeout).
 
 `SlotLifecycle` holds no sockets: the event loop (keepgpu.supervisor.loop) feeds it worker
-messages, exits and the clock, and provides `send_to_worker`. Never imports torch.
+messages, exits and the clock, and gives it a `send` callable for messages to workers. Every time
+is read from the injected clock, so the whole machine is unit-tested without sleeping
+(tests/unit/test_lifecycle_model.py). Never imports torch.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import math
 import os
 import signal
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from keepgpu.protocol.runtime import Paths
+from keepgpu.protocol.units import UnitError, parse_vram
 from keepgpu.supervisor import procs
 from keepgpu.supervisor.config import SupervisorConfig
 from keepgpu.supervisor.devices import Device
@@ -28,6 +31,14 @@ log = logging.getLogger("keepgpu.supervisor")
 LAST_WORDS_CODES = (1, 78)
 #: Worst case between a worker's exit and the supervisor noticing it when SIGCHLD was lost.
 SWEEP_S = 1.0
+#: After the supervisor itself did not run (SIGSTOP, suspend, a frozen cgroup), every live worker
+#: gets at least this long (and never more than half its hang timeout) to show a heartbeat:
+#: what it sent meanwhile is still on its way through the ZeroMQ I/O thread.
+RESUME_GRACE_S = 1.0
+
+
+class SendFn(Protocol):
+    def __call__(self, slot: Slot, kind: str, **fields: Any) -> bool: ...
 
 
 class SlotLifecycle:
@@ -41,21 +52,22 @@ class SlotLifecycle:
         paths: Paths,
         clock: Callable[[], float],
         worker_stderr: IO[Any] | int | None,
+        send: SendFn,
+        last_words: Callable[[Slot], None] | None = None,
     ) -> None:
         self.config = config
+        self.send = send
+        self.last_words = last_words
         self.vendor = vendor
         self.paths = paths
         self.clock = clock
         self.worker_stderr = worker_stderr
         self.slots: dict[int, Slot] = {d.gpu: self._new_slot(d) for d in devices}
         self.shutting_down = False
-        self._reap_needed = True
-        self._dirty = True  # something changed that may move a deadline earlier
+        self.reap_needed = True
+        self.dirty = True  # something changed that may move a deadline earlier
         self._next_sweep = clock()
-
-    def send_to_worker(self, slot: Slot, kind: str, **fields: Any) -> bool:
-        """Deliver a wire message to the slot's current incarnation (the loop owns the socket)."""
-        raise NotImplementedError
+        self.stalled_s = 0.0  # total time the supervisor itself did not run (seen so far)
 
     def _new_slot(self, dev: Device) -> Slot:
         c = self.config
@@ -68,10 +80,10 @@ class SlotLifecycle:
         )
         return Slot(gpu=dev.gpu, device_entry=dev.entry, uuid=dev.uuid, policy=policy)
 
-    def _set_state(self, slot: Slot, state: str, reason: str | None) -> None:
+    def set_state(self, slot: Slot, state: str, reason: str | None) -> None:
         if slot.state == state and slot.reason == reason:
             return
-        self._dirty = True
+        self.dirty = True
         slot.state, slot.reason = state, reason
         log.info(
             "gpu=%d pid=%s inc=%d state=%s reason=%s",
@@ -93,11 +105,14 @@ class SlotLifecycle:
         """Spawn a new incarnation of the slot's worker (from the main thread only)."""
         if fresh:
             slot.policy.reset()
+        self._drop_unfit_vram(slot)
         slot.incarnation += 1
         slot.clear_runtime()
         slot.stop = None
         slot.restart_at = None
         slot.unkillable_pid = None
+        slot.changed_while_starting = False  # the spawn settings carry every change so far
+        slot.overrides_before_set = None
         env = procs.worker_env(os.environ, self.vendor, slot.device_entry)
         slot.spawned_at = self.clock()
         try:
@@ -112,11 +127,97 @@ class SlotLifecycle:
         except OSError as exc:
             slot.proc = None
             slot.error = f"cannot start worker: {exc}"
-            self._set_state(slot, "fatal", "spawn-failed")
+            self.set_state(slot, "fatal", "spawn-failed")
             return
-        self._set_state(slot, "starting", None)
+        self.set_state(slot, "starting", None)
 
-    def _begin_stop(self, slot: Slot, then: str, now: float) -> None:
+    def _drop_unfit_vram(self, slot: Slot) -> None:
+        # A `set vram` override that does not fit the device must not turn every later start
+        # into a configuration error (exit 78, fatal): forget it and say so.
+        vram = slot.overrides.get("vram")
+        total = slot.mem_total_bytes
+        if vram is None or total is None:
+            return
+        try:
+            want = parse_vram(vram).resolve(total)
+        except UnitError:
+            want = total + 1
+        if want > total:
+            del slot.overrides["vram"]
+            log.warning("gpu=%d: dropped the vram override %s: it exceeds the device's %d bytes",
+                        slot.gpu, vram, total)
+
+    def on_message(self, slot: Slot, msg: dict[str, Any]) -> None:
+        """A decoded message from the slot's current incarnation (`ready`, `hb`, `error`)."""
+        now = self.clock()
+        kind = msg["t"]
+        if kind == "error":
+            slot.errors_seen += 1
+            slot.error = str(msg.get("message", ""))[:1000]
+            log.error("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
+                      slot.incarnation, slot.error)
+            if msg.get("refused") == "set" and slot.overrides_before_set is not None:
+                slot.overrides = slot.overrides_before_set  # a refused change is not kept
+                slot.overrides_before_set = None
+        elif kind == "ready" and slot.state == "starting":
+            slot.ready_at = now
+            slot.last_hb = now
+            self.absorb(slot, msg)
+            slot.error = None
+            self.set_state(slot, "holding", None)
+            self._catch_up(slot)
+        elif kind == "hb" and slot.state in LIVE_STATES:
+            progress = msg.get("progress")
+            if isinstance(progress, int) and progress != slot.hb_progress:
+                slot.hb_progress = progress
+                slot.last_hb = now
+            self.absorb(slot, msg)
+            state = msg.get("state")
+            if state in LIVE_STATES:
+                reason = msg.get("reason")
+                self.set_state(slot, state, reason if isinstance(reason, str) else None)
+
+    def _catch_up(self, slot: Slot) -> None:
+        # `set`/`pause`/`resume` while the worker was starting may not have reached it (it was
+        # not connected yet): now that it holds, tell it what it missed.
+        if not slot.changed_while_starting:
+            return
+        slot.changed_while_starting = False
+        if slot.overrides:
+            self.send(slot, "set", **slot.overrides)
+        left = None if slot.paused_until is None else slot.paused_until - self.clock()
+        if left is None or left <= 0:
+            self.send(slot, "resume")
+        else:
+            self.send(slot, "pause", seconds=None if math.isinf(left) else left)
+
+    def discount(self, seconds: float) -> None:
+        """The supervisor itself did not run for `seconds` (SIGSTOP, Ctrl-Z, `scontrol suspend`,
+        a frozen cgroup): that time is no worker's fault. Heartbeat ages, start and stop
+        deadlines move later by it, and every live worker gets RESUME_GRACE_S to be heard from
+        (its heartbeats queued meanwhile are still being read)."""
+        if seconds <= 0:
+            return
+        self.stalled_s += seconds
+        self.dirty = True
+        now = self.clock()
+        c = self.config
+        grace = min(RESUME_GRACE_S, c.hang_timeout_s / 2)
+        log.warning("the supervisor did not run for %.1fs: not counted against any worker",
+                    seconds)
+        for slot in self.slots.values():
+            if slot.state == "starting":
+                slot.spawned_at += seconds
+                slot.spawned_at = max(slot.spawned_at, now - c.start_timeout_s + grace)
+            elif slot.state in LIVE_STATES and slot.last_hb is not None:
+                slot.last_hb = max(slot.last_hb + seconds, now - c.hang_timeout_s + grace)
+            elif slot.state == "stopping" and slot.stop is not None:
+                op = slot.stop
+                op.join_deadline += seconds
+                if op.kill_deadline is not None:
+                    op.kill_deadline += seconds
+
+    def begin_stop(self, slot: Slot, then: str, now: float) -> None:
         if slot.state == "stopping":
             if slot.stop is not None and then == "stopped":
                 slot.stop.then = "stopped"
@@ -124,30 +225,27 @@ class SlotLifecycle:
         if slot.proc is None:
             if slot.state == "restarting":
                 slot.restart_at = None
-                self._set_state(slot, "stopped", None)
+                self.set_state(slot, "stopped", None)
             slot.stop = StopOp(now, then, now, outcome="released", finished=now)
             return
-        self.send_to_worker(slot, "stop")
+        self.send(slot, "stop")
         procs.signal_pid(slot.proc.pid, signal.SIGTERM)
         slot.stop = StopOp(started=now, then=then, join_deadline=now + self.config.join_timeout_s)
-        self._set_state(slot, "stopping", "hang" if then == "restart" else None)
+        self.set_state(slot, "stopping", "hang" if then == "restart" else None)
 
-    def _reap(self) -> None:
-        if not self._reap_needed:
+    def reap(self) -> None:
+        if not self.reap_needed:
             return
-        self._reap_needed = False
+        self.reap_needed = False
         for slot in self.slots.values():
             if slot.proc is not None:
                 code = slot.proc.poll()
                 if code is not None:
                     self._on_exit(slot, code)
 
-    def _last_words(self, slot: Slot) -> None:
-        """Read what the worker sent before it died (its `error` message); the loop overrides."""
-
     def _on_exit(self, slot: Slot, code: int) -> None:
-        if code in LAST_WORDS_CODES and slot.stop is None:
-            self._last_words(slot)
+        if code in LAST_WORDS_CODES and slot.stop is None and self.last_words is not None:
+            self.last_words(slot)  # read its `error` message before judging the exit
         now = self.clock()
         pid = slot.proc.pid if slot.proc else None
         slot.proc = None
@@ -158,19 +256,19 @@ class SlotLifecycle:
         op = slot.stop
         if slot.state == "unkillable":
             slot.unkillable_pid = None
-            self._set_state(slot, "stopped", None)
+            self.set_state(slot, "stopped", None)
             return
         if op is not None and op.finished is None:
             op.outcome = op.outcome or "released"
             op.finished = now
             if op.then == "stopped":
-                self._set_state(slot, "stopped", None)
+                self.set_state(slot, "stopped", None)
                 return
             self._schedule_restart(slot, now, up_for)
             return
         if code == 78:
             slot.error = slot.error or "worker exited 78 (configuration error)"
-            self._set_state(slot, "fatal", "config")
+            self.set_state(slot, "fatal", "config")
             return
         if slot.state == "starting" and slot.error is None:
             slot.error = f"worker exited {slot.last_exit} before READY"
@@ -178,7 +276,7 @@ class SlotLifecycle:
 
     def _schedule_restart(self, slot: Slot, now: float, up_for: float) -> None:
         if self.shutting_down:
-            self._set_state(slot, "stopped", None)
+            self.set_state(slot, "stopped", None)
             return
         delay = slot.policy.on_crash(now, up_for)
         if delay is None:
@@ -186,14 +284,14 @@ class SlotLifecycle:
                 f"gave up after {self.config.max_restarts} restarts within "
                 f"{self.config.restart_window_s:g}s; last exit {slot.last_exit}"
             )
-            self._set_state(slot, "fatal", "restart-limit")
+            self.set_state(slot, "fatal", "restart-limit")
             return
         slot.restarts += 1
         slot.restart_at = now + delay
         log.info("gpu=%d restart %d in %.2fs", slot.gpu, slot.restarts, delay)
-        self._set_state(slot, "restarting", None)
+        self.set_state(slot, "restarting", None)
 
-    def _tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:
         for slot in self.slots.values():
             due = slot.restart_at is not None and now >= slot.restart_at
             if slot.state == "restarting" and due:
@@ -210,15 +308,26 @@ class SlotLifecycle:
         # SIGCHLD can coalesce; a periodic sweep catches any exit it did not announce.
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_S
-            self._reap_needed = True
-        self._reap()
+            self.reap_needed = True
+        self.reap()
+
+    def hang_due(self, now: float) -> bool:
+        """Would `tick(now)` judge some worker hung (no READY or no heartbeat in time)?"""
+        c = self.config
+        for slot in self.slots.values():
+            if slot.state == "starting" and now - slot.spawned_at >= c.start_timeout_s:
+                return True
+            if slot.state in LIVE_STATES and slot.last_hb is not None \
+                    and now - slot.last_hb >= c.hang_timeout_s:
+                return True
+        return False
 
     def _hung(self, slot: Slot, now: float) -> None:
         log.warning("gpu=%d pid=%s inc=%d %s: dumping its stack and replacing it",
                     slot.gpu, slot.pid, slot.incarnation, slot.error)
         if slot.proc is not None:
             procs.signal_pid(slot.proc.pid, signal.SIGUSR1)
-        self._begin_stop(slot, "restart", now)
+        self.begin_stop(slot, "restart", now)
 
     def _escalate(self, slot: Slot, op: StopOp, now: float) -> None:
         if slot.proc is None or op.finished is not None:
@@ -237,9 +346,9 @@ class SlotLifecycle:
             op.outcome = "unkillable"
             op.finished = now
             slot.unkillable_pid = pid
-            self._set_state(slot, "unkillable", state)
+            self.set_state(slot, "unkillable", state)
 
-    def _next_deadline(self, now: float) -> float:
+    def next_deadline(self, now: float) -> float:
         """The earliest moment a slot needs attention (restart, start/hang timeout, escalation)
         or the next exit sweep."""
         c = self.config
@@ -257,7 +366,7 @@ class SlotLifecycle:
                 best = min(best, now + 0.05)  # exits are also seen via SIGCHLD; poll soon anyway
         return best
 
-    def _absorb(self, slot: Slot, msg: dict[str, Any]) -> None:
+    def absorb(self, slot: Slot, msg: dict[str, Any]) -> None:
         telemetry = msg.get("telemetry")
         if isinstance(telemetry, dict):
             slot.telemetry = telemetry
@@ -275,7 +384,7 @@ class SlotLifecycle:
         if isinstance(total, int):
             slot.mem_total_bytes = total
 
-    def _hurry(self) -> None:
+    def hurry(self) -> None:
         """A second SIGTERM/SIGINT: end the join wait now (the kill timeout still applies)."""
         now = self.clock()
         for slot in self.slots.values():

@@ -36,6 +36,11 @@ _HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP
 _MAX_POLL_S = 5.0
 _HB_BATCH_S = 0.1
 _LAST_WORDS_S = 0.2
+# An iteration that ends this much later than its poll timeout allowed means the supervisor
+# itself was not running (stopped, suspended, starved); generous, as a loaded node can be slow.
+_STALL_SLACK_S = 0.5
+# Before a hang verdict, queued heartbeats get this long to come out of the ZeroMQ I/O thread.
+_LAST_CHANCE_S = 0.05
 
 
 @dataclass
@@ -46,8 +51,10 @@ class PendingStop:
     started: float
 
 
-class Supervisor(SlotLifecycle):
-    """The event loop: sockets, signals, control commands, completion of stops."""
+class Supervisor:
+    """The event loop: sockets, signals, control commands, completion of stops. The slots and
+    their transitions live in `self.life` (a SlotLifecycle); control commands see this object
+    through the narrow commands.Control protocol."""
 
     def __init__(
         self,
@@ -58,7 +65,12 @@ class Supervisor(SlotLifecycle):
         clock: Callable[[], float] = time.monotonic,
         worker_stderr: IO[Any] | int | None = None,
     ) -> None:
-        super().__init__(config, devices, vendor, paths, clock, worker_stderr)
+        self.config = config
+        self.paths = paths
+        self.clock = clock
+        self.life = SlotLifecycle(config, devices, vendor, paths, clock, worker_stderr,
+                                  send=self.send_to_worker, last_words=self._last_words)
+        self.slots = self.life.slots
         self.name = paths.name
         self.pid = os.getpid()
         self.uid = os.getuid()
@@ -74,6 +86,13 @@ class Supervisor(SlotLifecycle):
         self._next_watchdog = clock()
         self._curve_own: keys.KeyPair | None = None
         self.watch: PidWatch | None = None
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.life.shutting_down
+
+    def start_slot(self, slot: Slot, fresh: bool = False) -> None:
+        self.life.start_slot(slot, fresh)
 
     # ---- sockets and signals ----------------------------------------------------------------
 
@@ -155,17 +174,23 @@ class Supervisor(SlotLifecycle):
             self._cleanup()
 
     def _loop(self) -> int:
+        life = self.life
         due = self.clock()
         batch_until = 0.0
+        awake = due  # when the previous poll returned
         while True:
             now = self.clock()
             # Heartbeats are gathered in batches: after a wake-up for worker messages alone the
             # workers socket rests for _HB_BATCH_S (control, signals and deadlines still wake us).
-            resting = now < batch_until and not self._dirty
+            resting = now < batch_until and not life.dirty
             wake = min(due, batch_until) if resting else due
             wait = max(0.0, min(_MAX_POLL_S, wake - now))
             poller = self.poller_quiet if resting else self.poller
             events = dict(poller.poll(int(math.ceil(wait * 1000))))
+            awake, before = self.clock(), awake
+            # Time beyond what the poll timeout allowed is time this process did not run.
+            if awake - before - wait > _STALL_SLACK_S:
+                life.discount(awake - before - wait)
             if events.keys() == {self.workers}:
                 batch_until = self.clock() + _HB_BATCH_S
             if self._sigr in events:
@@ -175,22 +200,31 @@ class Supervisor(SlotLifecycle):
                 self._drain(self.zap, self._on_zap)
             if self.workers in events:
                 self._drain(self.workers, self._on_worker)
-            self._reap()
+            life.reap()
             if self.control in events:
                 self._drain(self.control, self._on_control)
-                self._dirty = True
+                life.dirty = True
             now = self.clock()
             # A heartbeat only moves deadlines later: most wake-ups need no sweep over the slots.
-            if not self._dirty and now < due:
+            if not life.dirty and now < due:
                 continue
-            self._dirty = False
-            self._drain(self.workers, self._on_worker)  # no hang verdict on unread heartbeats
-            self._tick(now)
+            life.dirty = False
+            now = self._read_heartbeats(now)
+            life.tick(now)
             self._watchdog()
             code = self._finish_if_done()
             if code is not None:
                 return code
             due = self._next_deadline(self.clock())
+
+    def _read_heartbeats(self, now: float) -> float:
+        """No hang verdict on unread heartbeats: drain, and when a verdict is due give what the
+        ZeroMQ I/O thread still holds a short, bounded chance to arrive. Returns the time."""
+        self._drain(self.workers, self._on_worker)
+        if self.life.hang_due(now) and self.workers.poll(int(_LAST_CHANCE_S * 1000)):
+            self._drain(self.workers, self._on_worker)
+            now = self.clock()
+        return now
 
     def _watchdog(self) -> None:
         if self.notifier.watchdog_s is None:
@@ -247,12 +281,12 @@ class Supervisor(SlotLifecycle):
             return
         for signum in data:
             if signum == signal.SIGCHLD:
-                self._reap_needed = True
+                self.life.reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 name = signal.Signals(signum).name
                 if self.shutting_down:
                     log.warning("received %s again: SIGKILL without waiting for the join", name)
-                    self._hurry()
+                    self.life.hurry()
                 else:
                     log.info("received %s: releasing every GPU", name)
                 self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
@@ -290,30 +324,7 @@ class Supervisor(SlotLifecycle):
         if msg is None:
             log.warning("gpu=%d: malformed worker message ignored", slot.gpu)
             return
-        now = self.clock()
-        kind = msg["t"]
-        if kind == "error":
-            slot.errors_seen += 1
-            slot.error = str(msg.get("message", ""))[:1000]
-            log.error("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
-                      slot.incarnation, slot.error)
-        elif kind == "ready" and slot.state == "starting":
-            slot.ready_at = now
-            slot.last_hb = now
-            self._absorb(slot, msg)
-            slot.error = None
-            self._set_state(slot, "holding", None)
-            self._maybe_ready()
-        elif kind == "hb" and slot.state in LIVE_STATES:
-            progress = msg.get("progress")
-            if isinstance(progress, int) and progress != slot.hb_progress:
-                slot.hb_progress = progress
-                slot.last_hb = now
-            self._absorb(slot, msg)
-            state = msg.get("state")
-            if state in LIVE_STATES:
-                reason = msg.get("reason")
-                self._set_state(slot, state, reason if isinstance(reason, str) else None)
+        self.life.on_message(slot, msg)
 
     def _on_control(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or len(frames) > 4:
@@ -355,17 +366,17 @@ class Supervisor(SlotLifecycle):
         self, slots: list[Slot], full: bool, envelope: list[bytes] | None, req_id: Any
     ) -> None:
         now = self.clock()
-        self._dirty = True
-        if full and not self.shutting_down:
-            self.shutting_down = True
+        self.life.dirty = True
+        if full and not self.life.shutting_down:
+            self.life.shutting_down = True
             self.notifier.send("STOPPING=1")
         for slot in slots:
-            self._begin_stop(slot, "stopped", now)
+            self.life.begin_stop(slot, "stopped", now)
         if envelope is not None:
             self.pending.append(PendingStop(envelope, req_id, [s.gpu for s in slots], now))
 
     def _next_deadline(self, now: float) -> float:
-        best = min(now + _MAX_POLL_S, super()._next_deadline(now))
+        best = min(now + _MAX_POLL_S, self.life.next_deadline(now))
         if self.notifier.watchdog_s is not None:
             best = min(best, self._next_watchdog)
         if self.watch is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 # Variables that would let a worker see more than its one device.
@@ -34,6 +36,41 @@ def worker_env(base: Mapping[str, str], vendor: str, entry: str) -> dict[str, st
         env["HIP_VISIBLE_DEVICES"] = ""
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _resolve_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once in the parent: the child between fork and exec must not
+    load libraries or allocate more than it has to (other threads' locks are frozen there)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _child_setup(parent: int) -> Callable[[], None] | None:
+    """The preexec_fn: arm PR_SET_PDEATHSIG(SIGKILL) before the worker's interpreter exists,
+    then make sure the parent did not die before it was armed (the child would be reparented
+    and nothing would ever kill it). Without this a worker stopped before its own first
+    statement (SIGSTOP, a frozen cgroup, a slow disk) outlives a SIGKILLed supervisor."""
+    prctl = _resolve_prctl()
+    if prctl is None:
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def setup() -> None:
+        if prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return setup
 
 
 def spawn_worker(
@@ -69,6 +106,7 @@ def spawn_worker(
         stderr=stderr,
         close_fds=True,
         start_new_session=True,
+        preexec_fn=_child_setup(os.getpid()),
     )
 
 

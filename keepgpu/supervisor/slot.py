@@ -72,6 +72,10 @@ class Slot:
     telemetry: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     paused_until: float | None = None  # monotonic; inf = until resume
+    # The overrides before the last `set`, restored if the worker refuses it.
+    overrides_before_set: dict[str, Any] | None = None
+    # A control change came while starting: repeat it once the worker is READY.
+    changed_while_starting: bool = False
     unkillable_pid: int | None = None
 
     @property

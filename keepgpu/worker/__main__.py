@@ -1,15 +1,44 @@
 """`python -m keepgpu.worker`: one worker per GPU, started by the supervisor only.
 
-First statements: arm PR_SET_PDEATHSIG (SIGKILL) and check that the parent is still the
-supervisor that spawned us; only then import anything heavy (the engine imports torch).
+The supervisor arms PR_SET_PDEATHSIG (SIGKILL) between fork and exec (keepgpu.supervisor.procs),
+so a worker never runs a line without it. First statements here: two test-only faults, then arm
+it again (harmless; it also covers a worker started by hand) and check that the parent is still
+the supervisor that spawned us; only then import anything heavy (the engine imports torch).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
+
+
+def _spawn_fault(var: str) -> str | None:
+    """A test-only `KEEPGPU_FAKE_*_AT_SPAWN` value for this worker: `VALUE` for every worker or
+    `ENTRY:VALUE,...` by device entry. Read before anything is imported, so that a test sees the
+    worker as it is the instant the interpreter starts."""
+    raw = os.environ.get(var)
+    if not raw:
+        return None
+    entry = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    found = None
+    for item in raw.split(","):
+        target, sep, value = item.strip().rpartition(":")
+        if not sep:
+            found = found if found is not None else value
+        elif target == entry:
+            return value
+    return found
+
+
+# Test faults (see keepgpu.worker.faults): stop or exit before Python does anything else.
+if _spawn_fault("KEEPGPU_FAKE_STOP_AT_SPAWN") not in (None, "", "0"):
+    os.kill(os.getpid(), 19)  # SIGSTOP; the signal module is not imported yet
+_EXIT_AT_SPAWN = _spawn_fault("KEEPGPU_FAKE_EXIT_AT_SPAWN")
+if _EXIT_AT_SPAWN:
+    os._exit(int(_EXIT_AT_SPAWN))
+
+import ctypes  # noqa: E402 - after the spawn faults on purpose
+import signal  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1
 

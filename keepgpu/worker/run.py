@@ -264,7 +264,7 @@ class KeepLoop:
             changed = self.settings.apply(changes)
         except (ConfigurationError, UnitError, ValueError, TypeError) as exc:
             log.error("set refused: %s", exc)
-            self.send("error", message=f"set refused: {exc}")
+            self.send("error", message=f"set refused: {exc}", refused="set")
             return
         log.info("settings changed: %s", ", ".join(
             f"{key}={getattr(self.settings, key)}" for key in changed) or "none")

@@ -266,3 +266,39 @@ def test_a_client_dropped_without_close_leaves_no_open_socket(sup):
         del client
         gc.collect()
     assert sock is not None and sock.closed
+
+
+def test_pause_and_set_for_a_stopped_gpu_are_refused_not_stored(sup):
+    assert sup.call("stop", {"gpus": [1]}, timeout=10)["gpus"][0]["outcome"] == "released"
+    for args in (["pause", "--gpus", "1"], ["set", "--gpus", "1", "--vram", "512MiB"]):
+        out = sup.ctl(*args)
+        assert out.returncode == 1, out
+        assert out.stderr.strip().splitlines() == [
+            "keepgpu-ctl: error: GPU 1 is stopped; `start` it first"]
+    reply = raw(sup, request("pause"))  # without gpus: GPU 1 is skipped, nothing kept for it
+    assert reply["result"]["gpus"][1] == {"gpu": 1, "applied": False, "state": "stopped",
+                                          "skipped": True}
+    assert raw(sup, request("set", {"vram": "512MiB"}))["ok"]
+    sup.call("start", {"gpus": [1]})
+    g1 = sup.wait_states({1: "holding"})[1]
+    time.sleep(0.6)  # a few heartbeats: a kept pause would show by now
+    g1 = sup.gpus()[1]
+    assert (g1["state"], g1["reason"], g1["held_bytes"]) == ("holding", None, 1024**3)
+    assert sup.gpus()[0]["reason"] == "paused"
+
+
+def test_set_vram_while_the_first_start_is_pending_is_refused(start_sup):
+    s: Sup = start_sup("--gpus", "0", *FAST, env={"KEEPGPU_FAKE_START_DELAY": "0/1:3"})
+    wait_until(lambda: s.ctl("ping").returncode == 0, 10)
+    assert s.gpus()[0]["state"] == "starting"
+    reply = raw(s, request("set", {"vram": "1000TiB"}))
+    assert reply["ok"] is False and reply["error"]["code"] == "conflict", reply
+    assert "retry once it holds" in reply["error"]["message"]
+    assert raw(s, request("set", {"target_util": 50}))["ok"], "other settings are fine"
+    s.wait_states("holding")
+    out = s.ctl("set", "--vram", "1000TiB")
+    assert out.returncode == 1 and "exceeds" in out.stderr
+    os.kill(s.gpus()[0]["pid"], 9)
+    g = wait_until(lambda: (x := s.gpus()[0])["incarnation"] == 2 and x["state"] == "holding"
+                   and x, 10)
+    assert g["restarts"] == 1 and g["held_bytes"] == 1024**3

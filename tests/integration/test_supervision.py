@@ -12,6 +12,8 @@ import psutil
 import pytest
 from conftest import Sup, alive, proc_key, wait_until
 
+from keepgpu.client import NoSupervisor
+
 FAST = ["--heartbeat", "0.2", "--hang-timeout", "2", "--restart-delay", "0.1"]
 
 
@@ -211,3 +213,53 @@ def test_second_sigterm_skips_the_join_wait(start_sup):
     assert sup.proc.wait(10) == 1  # the worker had to be killed
     assert time.monotonic() - t0 < 5
     assert key and not alive(key)
+
+
+def test_worker_stopped_at_spawn_dies_with_a_sigkilled_supervisor(start_sup):
+    """PDEATHSIG is armed between fork and exec: a worker that never ran one Python statement
+    (stopped at its very first line) still dies with its supervisor."""
+    sup: Sup = start_sup("--gpus", "0,1", *FAST, "--start-timeout", "60",
+                         env={"KEEPGPU_FAKE_STOP_AT_SPAWN": "1"})
+
+    def spawned() -> list | None:
+        try:
+            gpus = sup.gpus()
+        except NoSupervisor:
+            return None
+        return gpus if all(g["pid"] for g in gpus) else None
+
+    gpus = wait_until(spawned, 10)
+    keys = [proc_key(g["pid"]) for g in gpus]
+    assert all(keys)
+    wait_until(lambda: all(psutil.Process(k[0]).status() == psutil.STATUS_STOPPED
+                           for k in keys if k), 10)
+    os.kill(sup.pid, signal.SIGKILL)
+    assert sup.proc.wait(10) == -signal.SIGKILL
+    try:
+        wait_until(lambda: not any(alive(k) for k in keys if k), 5)
+    finally:
+        for k in keys:
+            if k and alive(k):
+                os.kill(k[0], signal.SIGKILL)
+
+
+def test_a_stalled_supervisor_does_not_blame_its_workers(start_sup):
+    """SIGSTOP the supervisor for twice the hang timeout: on SIGCONT it reads what its workers
+    sent meanwhile instead of replacing them all; a real hang is still caught afterwards."""
+    sup: Sup = start_sup("--gpus", "all", "--heartbeat", "0.5", "--hang-timeout", "2",
+                         "--join-timeout", "0.5", "--kill-timeout", "1", "--restart-delay", "0.1",
+                         env={"KEEPGPU_FAKE_GPUS": "8", "KEEPGPU_FAKE_HANG_AFTER": "7/1:16"})
+    before = {g["gpu"]: g["pid"] for g in sup.wait_states("holding", timeout=30)}
+    for _ in range(2):
+        os.kill(sup.pid, signal.SIGSTOP)
+        time.sleep(4.5)
+        os.kill(sup.pid, signal.SIGCONT)
+        time.sleep(2.5)  # five heartbeats, more than the hang timeout
+        gpus = sup.gpus()
+        assert [g["restarts"] for g in gpus] == [0] * 8, sup.log()
+        assert {g["gpu"]: g["pid"] for g in gpus} == before
+    assert "did not run for" in sup.log()
+    # GPU 7 stops its heartbeats 16 s after READY: replaced within its hang timeout + bounds.
+    g7 = wait_until(lambda: (g := sup.gpus()[7])["incarnation"] == 2 and g, 20)
+    assert g7["restarts"] == 1 and g7["pid"] != before[7]
+    assert [g["restarts"] for g in sup.gpus()[:7]] == [0] * 7
