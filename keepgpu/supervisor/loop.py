@@ -242,6 +242,11 @@ class Supervisor:
         if self.watch is not None:
             self.watch.close()
         if self._sigw >= 0:
+            # The release is over: a late SIGTERM (an epilog after `keepgpu-ctl stop`) must not
+            # turn the exit code into -15. Python's finalization restores SIG_DFL for handlers it
+            # installed, but leaves ignored signals alone.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             signal.set_wakeup_fd(-1)
             for fd in (self._sigr, self._sigw):
                 os.close(fd)

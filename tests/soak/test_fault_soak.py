@@ -16,7 +16,8 @@ Environment:
   KEEPGPU_SOAK_SEED=N       replay a run (the seed is printed at the start and in every failure)
   KEEPGPU_SOAK_FAULTS=N     injected faults to reach (default 520)
   KEEPGPU_SOAK_BUDGET_S=S   time guard: no new life after S seconds (default scales with FAULTS)
-  KEEPGPU_SOAK_EXTRA=a,b    also inject faults that hit bugs being fixed: `sup_sigstop`
+  KEEPGPU_SOAK_EXTRA=a,b    faults aimed at bugs found earlier (default: stop_at_spawn,late_sigterm;
+                            set it to "" to leave them out): `sup_sigstop`
                             (SIGSTOP the supervisor past the hang timeout, then SIGCONT: healthy
                             workers must keep running) and `stop_at_spawn` (SIGSTOP workers as
                             they spawn, then SIGKILL the supervisor: they must not survive it),
