@@ -117,7 +117,14 @@ class Faults:
         assert self.sup is not None
         try:
             result = self.sup.call(cmd, args, timeout=STATUS_BOUND_S)
-        except (CommandFailed, NoSupervisor) as exc:
+        except CommandFailed as exc:
+            # pause/set naming a stopped or fatal GPU, or `set vram` before the GPU's total is
+            # known, are refused (docs/protocol.md): legitimate, and nothing is stored.
+            if exc.code != "conflict" or cmd == "resume":
+                self.fail(f"{cmd} {args}: {exc!r}")
+            self.note(cmd, f"{args} -> refused: {exc.message}")
+            return
+        except NoSupervisor as exc:
             self.fail(f"{cmd} {args}: {exc!r}")
         if any(g["state"] not in STATES for g in result["gpus"]):
             self.fail(f"{cmd}: undocumented state in {result}")

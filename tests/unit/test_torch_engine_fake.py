@@ -215,7 +215,8 @@ def test_supervisor_passes_its_uuid_to_the_worker() -> None:
     from keepgpu.supervisor.lifecycle import SlotLifecycle
 
     lc = SlotLifecycle(SupervisorConfig(), [Device(0, "3", "GPU-" + GPU_UUID)], "nvidia",
-                       Paths(Path("/tmp"), "x"), clock=lambda: 0.0, worker_stderr=None)
+                       Paths(Path("/tmp"), "x"), clock=lambda: 0.0, worker_stderr=None,
+                       send=lambda slot, kind, **fields: True)
     wire_settings = lc._settings_for(lc.slots[0])
     assert Settings.from_wire(wire_settings).uuid == "GPU-" + GPU_UUID
 
