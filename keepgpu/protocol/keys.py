@@ -22,6 +22,7 @@ import os
 import pwd
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,12 +203,38 @@ def own_keypair(create: bool = True) -> KeyPair:
     return KeyPair(public, maybe_secret)
 
 
+REREAD_S = 1.0  # authorized_keys/ is read again at least this often, and whenever it changes
+_clock = time.monotonic
+_cache: dict[tuple[str, bytes], tuple[float, tuple[int, int, int], frozenset[bytes]]] = {}
+
+
 def authorized_keys(own: KeyPair) -> tuple[set[bytes], list[str]]:
     """Client public keys (raw 32 bytes) a supervisor admits: the user's own plus every
-    `authorized_keys/*.key`; and one message per file skipped as unsafe or malformed."""
+    `authorized_keys/*.key`; and one message per file skipped as unsafe or malformed.
+
+    The supervisor asks at every CURVE handshake, which anyone who can reach the port can
+    start: the folder is read again only when it changed (a key added or removed counts at
+    once) or REREAD_S after the last read (a file edited in place), else the last answer is
+    given, without the messages (they were given with it)."""
+    folder = keys_dir() / AUTHORIZED_DIR
+    try:
+        st = os.lstat(folder)
+        sig = (st.st_dev, st.st_ino, st.st_ctime_ns)  # ctime: entries and mode changes
+    except OSError:
+        sig = (0, 0, 0)
+    now = _clock()
+    key = (str(folder), own.public)
+    hit = _cache.get(key)
+    if hit is not None and hit[1] == sig and now - hit[0] < REREAD_S:
+        return set(hit[2]), []
+    allowed, problems = _read_authorized(folder, own)
+    _cache[key] = (now, sig, frozenset(allowed))
+    return allowed, problems
+
+
+def _read_authorized(folder: Path, own: KeyPair) -> tuple[set[bytes], list[str]]:
     allowed = {z85.decode(own.public)}
     problems: list[str] = []
-    folder = keys_dir() / AUTHORIZED_DIR
     try:
         _check(folder, secret=False)
         names = sorted(n for n in os.listdir(folder) if n.endswith(".key"))[:_MAX_KEY_FILES]

@@ -37,17 +37,25 @@ class InstanceLock:
         ]
 
     def acquire(self) -> None:
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # The lock file is removed on release (a keeper of hold() has a name of its own: one
+        # file per keeper would pile up), so a lock on an inode no longer there is retried.
+        for _ in range(5):
+            fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                pid = read_pid(self.paths.pidfile)
+                who = f" (pid {pid})" if pid else ""
+                raise AlreadyRunning(
+                    f"a keepgpu supervisor named {self.paths.name!r} is already running{who}; "
+                    "use --name to run another"
+                ) from None
+            if _is_at(fd, self.paths.lock):
+                break
             os.close(fd)
-            pid = read_pid(self.paths.pidfile)
-            who = f" (pid {pid})" if pid else ""
-            raise AlreadyRunning(
-                f"a keepgpu supervisor named {self.paths.name!r} is already running{who}; "
-                "use --name to run another"
-            ) from None
+        else:
+            raise AlreadyRunning(f"the name {self.paths.name!r} is changing hands; retry")
         self._fd = fd
         try:
             for ep in self._endpoints:
@@ -76,10 +84,8 @@ class InstanceLock:
             return
         for ep in reversed(self._endpoints):
             ep.release()
-        try:
-            self.paths.pidfile.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.paths.pidfile, self.paths.lock):
+            path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
@@ -107,11 +113,7 @@ class EndpointLock:
             fd = self._open_and_lock(self.path)
             # The previous owner unlinks the file on release: if ours is no longer the file at
             # that path we locked an orphan inode, and must try again on the new file.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _is_at(fd, self.path):
                 break
             os.close(fd)
         else:
@@ -152,6 +154,16 @@ class EndpointLock:
                 pass
         os.close(self._fd)
         self._fd = None
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether open file `fd` is still the file at `path` (not unlinked or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _remove_stale_socket(path: Path) -> None:

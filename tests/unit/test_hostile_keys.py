@@ -149,3 +149,52 @@ def test_exit_with_a_pid_beyond_pid_t_is_one_line_exit_78(tmp_path: Path) -> Non
     assert proc.stderr.strip().splitlines() == [
         "keepgpu-supervise: error: --exit-with 99999999999: no such process"
     ]
+
+
+def _key_file(folder: Path, name: str) -> bytes:
+    public, _ = zmq.curve_keypair()
+    (folder / name).write_text(keys._cert(public, None))
+    return zmq.utils.z85.decode(public)
+
+
+def test_authorized_keys_are_not_reread_at_every_handshake(
+    kdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who can reach a tcp port can start CURVE handshakes (the server key is public),
+    and the supervisor asks for the allowed keys in its event loop at each one: with 1000
+    files, ~1000 file reads per handshake stopped it answering status (measured: every status
+    call timed out after 10 s under a 2-thread flood, and SIGTERM waited over 20 s)."""
+    own = keys.own_keypair()
+    folder = kdir / keys.AUTHORIZED_DIR
+    folder.mkdir(mode=0o700)
+    for i in range(50):
+        _key_file(folder, f"k{i}.key")
+    reads = []
+    real = keys._read_small
+    monkeypatch.setattr(keys, "_read_small", lambda p: reads.append(p) or real(p))
+    now = [100.0]
+    monkeypatch.setattr(keys, "_clock", lambda: now[0])
+    first, _ = keys.authorized_keys(own)
+    for _ in range(200):
+        assert keys.authorized_keys(own)[0] == first
+    assert len(reads) == 50
+    now[0] += keys.REREAD_S  # a file edited in place is seen within REREAD_S
+    keys.authorized_keys(own)
+    assert len(reads) == 100
+
+
+def test_a_key_added_or_removed_counts_at_once(kdir: Path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    own = keys.own_keypair()
+    folder = kdir / keys.AUTHORIZED_DIR
+    folder.mkdir(mode=0o700)
+    monkeypatch.setattr(keys, "_clock", lambda: 5.0)  # time stands still: only changes count
+    keys.authorized_keys(own)
+    added = _key_file(folder, "new.key")
+    assert added in keys.authorized_keys(own)[0]
+    (folder / "new.key").unlink()
+    assert added not in keys.authorized_keys(own)[0]
+    _key_file(folder, "other.key")
+    os.chmod(folder, 0o777)  # now unsafe: refused at once, not after REREAD_S
+    allowed, problems = keys.authorized_keys(own)
+    assert allowed == {zmq.utils.z85.decode(own.public)} and "mode 777" in problems[0]
