@@ -13,6 +13,7 @@ Each endpoint lock file holds its owner's pid, so a refusal can name it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -129,7 +130,10 @@ class EndpointLock:
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise OSError(0, f"{path} is not a regular file of uid {os.getuid()}")
+            # In a shared dir someone else may have made this file first: name it and whose.
+            what = "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise OSError(errno.EPERM, f"{what} of uid {st.st_uid}, not ours ({os.getuid()}); "
+                          "remove it or use another endpoint", str(path))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
