@@ -121,8 +121,12 @@ class _Keeper:
         join = float(options.get("join_timeout", d.JOIN_TIMEOUT_S))
         self.bound_s = join + float(options.get("kill_timeout", d.KILL_TIMEOUT_S)) + _SLACK_S
         argv = [*_argv(name, spec, vram, options), "--exit-with", str(os.getpid())]
+        # O_NONBLOCK: a FIFO given as log_file would block open() until a reader comes
+        # (ENXIO instead); then blocking again, as the keeper expects of its stdout.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.log, flags, 0o600)
+            os.set_blocking(fd, True)
         except OSError as exc:
             raise HoldError(f"cannot open the keeper log {self.log}: {exc.strerror}") from None
         try:
@@ -130,6 +134,7 @@ class _Keeper:
         finally:
             os.close(fd)
         self.client = Client(endpoint, timeout=5.0)
+        self.owner = os.getpid()
 
     def wait_holding(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -167,6 +172,10 @@ class _Keeper:
 
     def release(self, forget_log: bool) -> None:
         """Stop the keeper (bounded by its join and kill timeouts plus slack) and close."""
+        if os.getpid() != self.owner:
+            # A fork()ed child leaving the block: the keeper is its parent's (it is not even
+            # our child: poll() would say "exited 0" and we would delete its sockets).
+            return
         proc = self.proc
         try:
             if proc.poll() is None:

@@ -15,7 +15,9 @@ How a write is kept from blocking, by kind of stream:
 - anything else, or a reopen that fails (no /proc): a zero-timeout poll(POLLOUT) before each
   write. That cannot see another process fill the pipe between the poll and the write, which
   is why the reopen comes first.
-Records are written in pieces of at most PIPE_BUF bytes, each in one os.write.
+Records are written in pieces of at most PIPE_BUF bytes, each in one os.write. A record cut
+short (a full disk takes part of a write) is ended with a newline before the next write, so
+the next line is never glued to half of it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class NonBlockingHandler(logging.Handler):
         self._own_fd: int | None = None
         self._sock: socket.socket | None = None
         self._poll_first = False
+        self._torn = False  # a write stopped mid-line (ENOSPC on a file): newline first
         self._open(fd)
 
     def _open(self, fd: int) -> None:
@@ -108,19 +111,29 @@ class NonBlockingHandler(logging.Handler):
             self.dropped += 1
 
     def _write(self, data: bytes) -> bool:
-        return all(self._write_piece(piece) for piece in pieces(data))
+        if self._torn:
+            # End the torn line first, or the next record would be glued to its first half.
+            if self._send(b"\n") != 1:
+                return False
+            self._torn = False
+        for i, piece in enumerate(pieces(data)):
+            sent = self._send(piece)
+            if sent != len(piece):
+                # Part of this record is out (a short write on a full disk, or earlier pieces).
+                self._torn = sent > 0 or i > 0
+                return False
+        return True
 
-    def _write_piece(self, piece: bytes) -> bool:
+    def _send(self, piece: bytes) -> int:
+        """Bytes of `piece` written at once; 0 when none could be."""
         if self._poll_first and not _writable(self._fd):
-            return False
+            return 0
         try:
             if self._sock is not None:
-                sent = self._sock.send(piece, socket.MSG_DONTWAIT)
-            else:
-                sent = os.write(self._fd, piece)
+                return self._sock.send(piece, socket.MSG_DONTWAIT)
+            return os.write(self._fd, piece)
         except OSError:  # EAGAIN (BlockingIOError), EPIPE, ENOSPC...: drop, never raise
-            return False
-        return sent == len(piece)
+            return 0
 
     def close(self) -> None:
         if self._own_fd is not None:

@@ -17,9 +17,12 @@ not ours or that group/other can write (or, for the secret, read) are refused wi
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ PUBLIC_FILE = "curve.key"
 AUTHORIZED_DIR = "authorized_keys"
 SERVERS_DIR = "servers"
 _MAX_KEY_FILES = 1000
+_MAX_CERT_BYTES = 64 * 1024  # a certificate is ~200 bytes; never read a huge file whole
 _BANNER = "#   keepgpu CURVE {what} certificate (ZeroMQ format){warn}\n\nmetadata\ncurve\n"
 
 
@@ -52,7 +56,15 @@ def keys_dir() -> Path:
     if xdg:
         return Path(xdg) / "keepgpu"
     # Slurm prologs run without HOME: ask the password database.
-    home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+    home = os.environ.get("HOME")
+    if not home:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:  # an uid without a passwd entry (containers): no home to find
+            raise KeyFileError(
+                f"HOME is not set and uid {os.getuid()} has no passwd entry: "
+                "set KEEPGPU_KEYS_DIR (or HOME) to say where the CURVE keys live"
+            ) from None
     return Path(home) / ".config" / "keepgpu"
 
 
@@ -80,19 +92,40 @@ def _ensure_dir(path: Path) -> Path:
                 os.mkdir(path, 0o700)
             except FileExistsError:
                 pass
-        _check(path, secret=False)
+        st = _check(path, secret=False)
     except OSError as exc:
         raise KeyFileError(f"cannot use keys dir {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"keys dir {path} is not a directory (check KEEPGPU_KEYS_DIR)")
     return path
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Create `path` with `mode` from the start (no window with wider permissions)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write(path: Path, text: str, mode: int, replace: bool = True) -> bool:
+    """Create `path` with `mode` from the start (no window with wider permissions), complete
+    or not at all. With `replace=False` an existing file wins and False is returned: two
+    processes creating the keypair at once (job steps on nodes sharing a home) must end up
+    with the same keys, not each serve its own."""
+    # A random part: a stale temporary file of a killed process with our pid (pids repeat in
+    # containers) must not stop us.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic, and fails when the name exists (unlike rename)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            os.replace(tmp, path)  # a file system without hard links: last writer wins
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cert(public: bytes, secret: bytes | None) -> str:
@@ -107,11 +140,7 @@ def _cert(public: bytes, secret: bytes | None) -> str:
 def read_cert(path: Path) -> tuple[bytes, bytes | None]:
     """(public, secret or None) from a ZeroMQ certificate file, both Z85."""
     public = secret = None
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    for raw in lines:
+    for raw in _read_small(path).splitlines():
         line = raw.strip()
         if line.startswith((b"public-key", b"secret-key")) and b"=" in line:
             value = line.split(b"=", 1)[1].strip(b" \t'\"")
@@ -127,6 +156,27 @@ def read_cert(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
+def _read_small(path: Path) -> bytes:
+    """The bytes of regular file `path`, refusing what could block or exhaust the reader: a
+    FIFO (open and read would wait for a writer forever), a device, a huge file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path} is not a regular file; refusing to read it")
+        if st.st_size > _MAX_CERT_BYTES:
+            raise KeyFileError(f"{path} is {st.st_size} bytes: too big for a key file")
+        return os.read(fd, _MAX_CERT_BYTES)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
 def own_keypair(create: bool = True) -> KeyPair:
     """The user's keypair, created (0600 in a 0700 dir) on first use when `create`."""
     base = _ensure_dir(keys_dir()) if create else keys_dir()
@@ -136,10 +186,9 @@ def own_keypair(create: bool = True) -> KeyPair:
             raise KeyFileError(f"no CURVE keypair at {path}")
         public, secret = zmq.curve_keypair()
         try:
-            _write(path, _cert(public, secret), 0o600)
-            _write(base / PUBLIC_FILE, _cert(public, None), 0o644)
-        except FileExistsError:
-            pass  # another process is creating it right now: read theirs below
+            # When another process created it meanwhile, theirs is read below and used.
+            if _write(path, _cert(public, secret), 0o600, replace=False):
+                _write(base / PUBLIC_FILE, _cert(public, None), 0o644)
         except OSError as exc:
             raise KeyFileError(f"cannot create {path}: {exc.strerror or exc}") from exc
     try:
@@ -154,12 +203,38 @@ def own_keypair(create: bool = True) -> KeyPair:
     return KeyPair(public, maybe_secret)
 
 
+REREAD_S = 1.0  # authorized_keys/ is read again at least this often, and whenever it changes
+_clock = time.monotonic
+_cache: dict[tuple[str, bytes], tuple[float, tuple[int, int, int], frozenset[bytes]]] = {}
+
+
 def authorized_keys(own: KeyPair) -> tuple[set[bytes], list[str]]:
     """Client public keys (raw 32 bytes) a supervisor admits: the user's own plus every
-    `authorized_keys/*.key`; and one message per file skipped as unsafe or malformed."""
+    `authorized_keys/*.key`; and one message per file skipped as unsafe or malformed.
+
+    The supervisor asks at every CURVE handshake, which anyone who can reach the port can
+    start: the folder is read again only when it changed (a key added or removed counts at
+    once) or REREAD_S after the last read (a file edited in place), else the last answer is
+    given, without the messages (they were given with it)."""
+    folder = keys_dir() / AUTHORIZED_DIR
+    try:
+        st = os.lstat(folder)
+        sig = (st.st_dev, st.st_ino, st.st_ctime_ns)  # ctime: entries and mode changes
+    except OSError:
+        sig = (0, 0, 0)
+    now = _clock()
+    key = (str(folder), own.public)
+    hit = _cache.get(key)
+    if hit is not None and hit[1] == sig and now - hit[0] < REREAD_S:
+        return set(hit[2]), []
+    allowed, problems = _read_authorized(folder, own)
+    _cache[key] = (now, sig, frozenset(allowed))
+    return allowed, problems
+
+
+def _read_authorized(folder: Path, own: KeyPair) -> tuple[set[bytes], list[str]]:
     allowed = {z85.decode(own.public)}
     problems: list[str] = []
-    folder = keys_dir() / AUTHORIZED_DIR
     try:
         _check(folder, secret=False)
         names = sorted(n for n in os.listdir(folder) if n.endswith(".key"))[:_MAX_KEY_FILES]

@@ -13,6 +13,7 @@ Each endpoint lock file holds its owner's pid, so a refusal can name it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -37,17 +38,25 @@ class InstanceLock:
         ]
 
     def acquire(self) -> None:
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # The lock file is removed on release (a keeper of hold() has a name of its own: one
+        # file per keeper would pile up), so a lock on an inode no longer there is retried.
+        for _ in range(5):
+            fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                pid = read_pid(self.paths.pidfile)
+                who = f" (pid {pid})" if pid else ""
+                raise AlreadyRunning(
+                    f"a keepgpu supervisor named {self.paths.name!r} is already running{who}; "
+                    "use --name to run another"
+                ) from None
+            if _is_at(fd, self.paths.lock):
+                break
             os.close(fd)
-            pid = read_pid(self.paths.pidfile)
-            who = f" (pid {pid})" if pid else ""
-            raise AlreadyRunning(
-                f"a keepgpu supervisor named {self.paths.name!r} is already running{who}; "
-                "use --name to run another"
-            ) from None
+        else:
+            raise AlreadyRunning(f"the name {self.paths.name!r} is changing hands; retry")
         self._fd = fd
         try:
             for ep in self._endpoints:
@@ -76,10 +85,8 @@ class InstanceLock:
             return
         for ep in reversed(self._endpoints):
             ep.release()
-        try:
-            self.paths.pidfile.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.paths.pidfile, self.paths.lock):
+            path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
@@ -107,11 +114,7 @@ class EndpointLock:
             fd = self._open_and_lock(self.path)
             # The previous owner unlinks the file on release: if ours is no longer the file at
             # that path we locked an orphan inode, and must try again on the new file.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _is_at(fd, self.path):
                 break
             os.close(fd)
         else:
@@ -127,7 +130,10 @@ class EndpointLock:
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise OSError(0, f"{path} is not a regular file of uid {os.getuid()}")
+            # In a shared dir someone else may have made this file first: name it and whose.
+            what = "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise OSError(errno.EPERM, f"{what} of uid {st.st_uid}, not ours ({os.getuid()}); "
+                          "remove it or use another endpoint", str(path))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -152,6 +158,16 @@ class EndpointLock:
                 pass
         os.close(self._fd)
         self._fd = None
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether open file `fd` is still the file at `path` (not unlinked or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _remove_stale_socket(path: Path) -> None:

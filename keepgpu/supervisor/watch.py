@@ -37,7 +37,7 @@ def exists(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond pid_t, never a pid
         return False
     except PermissionError:
         return True
@@ -55,7 +55,7 @@ class PidWatch:
         self.next_check = -math.inf
         try:
             self.fd = os.pidfd_open(pid)
-        except (AttributeError, OSError):  # old Python/kernel, or already gone
+        except (AttributeError, OSError, OverflowError):  # old Python/kernel, or gone
             self.fd = None
         if self.fd is not None and start_time(pid) != self._start:
             # The pid was reused between the two looks: the pidfd is of another process.
