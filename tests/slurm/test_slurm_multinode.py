@@ -177,8 +177,8 @@ def test_four_node_job_holds_all_8_gpus_and_stop_frees_every_node(cluster: None)
         assert_pinned(job, statuses, 2)
         # Each node's runtime dir is its own (private /tmp), the job user's, 0700.
         for node in ALL:
-            st = os.stat(h.node_runtime_dir("kgtest", node))
-            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (h.uid_of("kgtest"), 0o700)
+            rd = os.stat(h.node_runtime_dir("kgtest", node))
+            assert (rd.st_uid, stat.S_IMODE(rd.st_mode)) == (h.uid_of("kgtest"), 0o700)
         # status --json shows every node's keeper.
         rc, text = job.run("keepgpu-job status --json")
         assert rc == 0, text
