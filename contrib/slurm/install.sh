@@ -52,6 +52,7 @@ put() {
 
 install -d -m 0755 -o root -g root "$prefix"
 put 0644 keepgpu-slurm-lib.sh
+put 0644 keepgpu-job-nodes.sh
 for script in keepgpu-prolog keepgpu-epilog keepgpu-task-prolog keepgpu-task-epilog keepgpu-job; do
     put 0755 "$script"
 done

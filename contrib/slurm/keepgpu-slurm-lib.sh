@@ -19,20 +19,23 @@ KEEPGPU_SLURM_LOG=""                        # file the root scripts append their
 KG_SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 KG_SCRIPT=${0##*/}
 KG_JOB=${SLURM_JOB_ID:-}
+# The node the script runs on, in every log line: a multi-node job's scripts run on each node.
+KG_HOST=${SLURMD_NODENAME:-${HOSTNAME%%.*}}
 
 kg_log() {
     # kg_log LEVEL MESSAGE...: one line to stderr, the configured file and syslog (when present).
     local level=$1
     shift
     local line
-    printf -v line '%(%Y-%m-%dT%H:%M:%S)T %s[%d] job=%s %s: %s' -1 "$KG_SCRIPT" "$$" \
-        "${KG_JOB:--}" "$level" "$*"
+    printf -v line '%(%Y-%m-%dT%H:%M:%S)T %s[%d] node=%s job=%s %s: %s' -1 "$KG_SCRIPT" "$$" \
+        "${KG_HOST:--}" "${KG_JOB:--}" "$level" "$*"
     printf '%s\n' "$line" >&2
     if [[ -n $KEEPGPU_SLURM_LOG ]]; then
         printf '%s\n' "$line" 2>/dev/null >>"$KEEPGPU_SLURM_LOG" || true
     fi
     if [[ -S /dev/log ]] && command -v logger >/dev/null 2>&1; then
-        logger -t keepgpu-slurm -- "${KG_SCRIPT}[$$] job=${KG_JOB:--} $level: $*" 2>/dev/null || true
+        logger -t keepgpu-slurm -- "${KG_SCRIPT}[$$] node=${KG_HOST:--} job=${KG_JOB:--} $level: $*" \
+            2>/dev/null || true
     fi
 }
 

@@ -1,9 +1,12 @@
 #!/bin/bash
 # A throwaway single-node Slurm for the keepgpu Slurm tests (root only; Debian/Ubuntu).
 #
-#   tests/slurm/cluster.sh up      install slurm-wlm/munge if missing, write configs, make fake
+#   tests/slurm/cluster.sh up [--nodes N]
+#                                  install slurm-wlm/munge if missing, write configs, make fake
 #                                  GPUs, install keepgpu + contrib/slurm, start munged, slurmctld
 #                                  and slurmd, wait until the node is idle (bounded)
+#                                  --nodes N (or KEEPGPU_SLURM_NODES=N): also N simulated nodes
+#                                  n1..nN with 2 fake GPUs each, in partition "multi"
 #   tests/slurm/cluster.sh down    cancel every job (epilogs run), stop the daemons it started
 #   tests/slurm/cluster.sh status  daemons, node and queue
 #
@@ -16,6 +19,14 @@
 # $KEEPGPU_SLURM_BUILD_PYTHON (default: python3 on PATH; needs pip + setuptools) and installed
 # into a venv of the system python3 ($STATE/venv, system site-packages for pyzmq, psutil, click
 # from Debian) that every user can run.
+#
+# Multi-node mode: Debian's slurmd is built with multiple-slurmd support, so each simulated node is
+# one more `slurmd -N nX` with its own port, spool, pid and log file (%n in slurm.conf). Each runs
+# in its own mount and pid namespace (unshare -m -p -f --mount-proc) with a private folder bound
+# over /tmp ($STATE itself bound back in at its path), so node-local state -- the users' runtime
+# dirs, the Epilog's /proc scan -- is per node as on a real cluster. The namespace's pid 1 is a
+# small bash (node_init) that reaps orphans and stops its slurmd on SIGTERM; when it ends, the
+# kernel kills whatever is left in the node.
 set -euo pipefail
 
 STATE=${KEEPGPU_SLURM_STATE:-/tmp/keepgpu-slurm-ci}
@@ -23,6 +34,9 @@ REPO=$(cd -- "$(dirname -- "$(readlink -f -- "$0")")/../.." && pwd)
 BUILD_PY=${KEEPGPU_SLURM_BUILD_PYTHON:-python3}
 NGPUS=8
 NCPUS=8
+NODES=${KEEPGPU_SLURM_NODES:-0} # simulated nodes n1..nN (multi-node mode), 0: none
+NODE_GPUS=2
+NODE_PORT0=6900                 # node nX's slurmd listens on NODE_PORT0 + X
 TEST_USERS=(kgtest kgtest2)
 NODE=$(hostname -s)
 SCRIPTS=$STATE/slurm-scripts
@@ -69,6 +83,11 @@ make_dirs() {
     install -d -m 0755 "$STATE" "$STATE/ctld" "$STATE/spool" "$STATE/log" "$STATE/run" \
         "$STATE/dev"
     install -d -m 1777 "$STATE/jobs"
+    local n
+    for ((n = 1; n <= NODES; n++)); do
+        install -d -m 0755 "$STATE/nodes" "$STATE/nodes/n$n"
+        install -d -m 1777 "$STATE/nodes/n$n/tmp"
+    done
     local i dev
     for ((i = 0; i < NGPUS; i++)); do
         dev=$STATE/dev/fakegpu$i
@@ -135,11 +154,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.daemon.pid
-SlurmdPidFile=$STATE/run/slurmd.daemon.pid
+SlurmdPidFile=$STATE/run/slurmd.%n.daemon.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No systemd, no cgroups: processes are tracked by their parentage only.
@@ -166,7 +185,19 @@ TaskEpilog=$SCRIPTS/keepgpu-task-epilog
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NCPUS RealMemory=$mem Gres=gpu:$NGPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
-    echo "Name=gpu File=$STATE/dev/fakegpu[0-$last]" >"$STATE/gres.conf.new"
+    echo "NodeName=$NODE Name=gpu File=$STATE/dev/fakegpu[0-$last]" >"$STATE/gres.conf.new"
+    if ((NODES > 0)); then
+        local i
+        for ((i = 1; i <= NODES; i++)); do
+            echo "NodeName=n$i NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$((NODE_PORT0 + i))" \
+                "CPUs=4 RealMemory=1024 Gres=gpu:$NODE_GPUS State=UNKNOWN"
+        done >>"$STATE/slurm.conf.new"
+        echo "PartitionName=multi Nodes=n[1-$NODES] Default=NO MaxTime=INFINITE State=UP" \
+            >>"$STATE/slurm.conf.new"
+        # Every node has its own GPUs 0 and 1 (/dev/nvidia0-1 on a real node).
+        echo "NodeName=n[1-$NODES] Name=gpu File=$STATE/dev/fakegpu[0-$((NODE_GPUS - 1))]" \
+            >>"$STATE/gres.conf.new"
+    fi
     local f changed=0
     for f in slurm.conf gres.conf; do
         if ! cmp -s "$STATE/$f.new" "$STATE/$f"; then
@@ -220,20 +251,70 @@ quiet() {
 }
 
 node_state() {
-    sinfo -h -n "$NODE" -o '%t' 2>/dev/null | head -n1
+    # node_state [NODE]
+    sinfo -h -n "${1:-$NODE}" -o '%t' 2>/dev/null | head -n1
 }
 
 node_idle() {
-    local s
-    s=$(node_state)
+    # node_idle [NODE]
+    local s node=${1:-$NODE}
+    s=$(node_state "$node")
     case $s in
     idle | mix | alloc) return 0 ;;
     drain* | drng | down*)
-        scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+        scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
         return 1
         ;;
     *) return 1 ;;
     esac
+}
+
+all_nodes_idle() {
+    local n
+    node_idle "$NODE" || return 1
+    for ((n = 1; n <= NODES; n++)); do node_idle "n$n" || return 1; done
+}
+
+node_init() {
+    # node_init NODE: pid 1 of a simulated node's pid namespace (own mount namespace too):
+    # a private /tmp with $STATE bound back at its path, then slurmd as a child, so that this
+    # bash reaps the node's orphans (daemonized keepers) and forwards SIGTERM to slurmd.
+    local node=$1 priv=$STATE/nodes/$1/tmp
+    mount --make-rprivate /
+    if [[ $STATE == /tmp/* ]]; then
+        mkdir -p -- "$priv/${STATE#/tmp/}"
+        mount --bind "$STATE" "$priv/${STATE#/tmp/}"
+    fi
+    mount --rbind "$priv" /tmp
+    slurmd -D -N "$node" -f "$SLURM_CONF" &
+    local child=$!
+    trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+    while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+}
+
+start_nodes() {
+    local n
+    for ((n = 1; n <= NODES; n++)); do
+        alive "node-n$n" && continue
+        start_bg "node-n$n" unshare -m -p -f --mount-proc "$REPO/tests/slurm/cluster.sh" \
+            _node_init "n$n"
+    done
+}
+
+stop_nodes() {
+    local f name pid child
+    for f in "$STATE"/run/node-*.pid; do
+        [[ -e $f ]] || continue
+        name=${f##*/}
+        name=${name%.pid}
+        # The namespace's pid 1 is unshare's child: SIGTERM there stops slurmd; its exit ends
+        # everything left in the node.
+        pid=$(cat "$f")
+        child=$(cat "/proc/$pid/task/$pid/children" 2>/dev/null) || child=""
+        # shellcheck disable=SC2086 # a list of pids
+        [[ -n $child ]] && kill -TERM $child 2>/dev/null
+        stop_pid "$name"
+    done
 }
 
 cmd_up() {
@@ -245,20 +326,20 @@ cmd_up() {
     local changed=0
     write_configs && changed=1
     start_munge
-    if alive slurmctld && alive slurmd; then
-        if ((changed)); then
-            log "configuration changed: scontrol reconfigure"
-            scontrol reconfigure
-        fi
-    else
+    if ((changed)) || ! alive slurmctld || ! alive slurmd; then
+        # New nodes or ports need fresh daemons (scontrol reconfigure does not add nodes).
+        stop_nodes
         stop_pid slurmd
         stop_pid slurmctld
         start_bg slurmctld slurmctld -D -c -i -f "$SLURM_CONF"
         wait_for 30 "slurmctld to answer" quiet scontrol ping
-        start_bg slurmd slurmd -D -f "$SLURM_CONF"
+        start_bg slurmd slurmd -D -N "$NODE" -f "$SLURM_CONF"
     fi
-    wait_for 60 "node $NODE to be idle (see $STATE/log/slurmd.log)" node_idle
-    log "up: node $NODE $(node_state), $NGPUS fake GPUs, SLURM_CONF=$SLURM_CONF"
+    start_nodes
+    echo "$NODES" >"$STATE/run/nodes"
+    wait_for 60 "the nodes to be idle (see $STATE/log/slurmd.*.log)" all_nodes_idle
+    log "up: node $NODE $(node_state), $NGPUS fake GPUs; $NODES simulated node(s) with" \
+        "$NODE_GPUS GPUs each; SLURM_CONF=$SLURM_CONF"
 }
 
 stop_pid() {
@@ -277,9 +358,11 @@ stop_pid() {
 }
 
 cmd_down_daemons() {
+    stop_nodes
     stop_pid slurmd
     stop_pid slurmctld
     stop_pid munged
+    rm -f "$STATE/run/nodes"
 }
 
 cmd_down() {
@@ -304,15 +387,33 @@ cmd_down() {
 
 cmd_status() {
     local d
-    for d in munged slurmctld slurmd; do
+    local f
+    local -a names=(munged slurmctld slurmd)
+    for f in "$STATE"/run/node-*.pid; do
+        [[ -e $f ]] || continue
+        f=${f##*/}
+        names+=("${f%.pid}")
+    done
+    for d in "${names[@]}"; do
         if alive "$d"; then echo "$d: running (pid $(cat "$STATE/run/$d.pid"))"; else echo "$d: not running (by this script)"; fi
     done
     sinfo 2>/dev/null || true
     squeue 2>/dev/null || true
 }
 
-case ${1:-} in
+cmd=${1:-}
+shift || true
+if [[ $cmd == up && ${1:-} == --nodes ]]; then
+    [[ ${2:-} =~ ^[0-9]+$ ]] || die "--nodes needs a number"
+    NODES=$2
+elif [[ $cmd == up && -z ${KEEPGPU_SLURM_NODES:-} ]]; then
+    # A plain `up` on a running cluster keeps its simulated nodes.
+    NODES=$(cat "$STATE/run/nodes" 2>/dev/null) || NODES=0
+    [[ $NODES =~ ^[0-9]+$ ]] || NODES=0
+fi
+case $cmd in
 up) cmd_up ;;
+_node_init) node_init "$1" ;;
 down) cmd_down ;;
 status) cmd_status ;;
 env) echo "export SLURM_CONF=$SLURM_CONF" ;;

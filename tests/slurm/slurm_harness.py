@@ -334,3 +334,100 @@ def write_timings() -> None:
     if TIMINGS:
         path = STATE / "log" / "timings.json"
         path.write_text(json.dumps(TIMINGS, indent=2, sort_keys=True) + "\n")
+
+
+# ---- multi-node (cluster.sh up --nodes 4): nodes n1..n4 in their own mount + pid namespaces ----
+
+NODES = ("n1", "n2", "n3", "n4")
+
+
+def node_init_pid(node: str) -> int:
+    """Host pid of the node's namespace pid 1 (the child of its unshare process)."""
+    unshare = int(_read(str(STATE / "run" / f"node-{node}.pid")).strip() or 0)
+    children = _read(f"/proc/{unshare}/task/{unshare}/children").split()
+    assert children, f"node {node} is not running (unshare pid {unshare})"
+    return int(children[0])
+
+
+def node_root(node: str) -> Path:
+    """The node's file system as it sees it (its private /tmp)."""
+    return Path(f"/proc/{node_init_pid(node)}/root")
+
+
+def node_runtime_dir(user: str, node: str) -> Path:
+    return node_root(node) / "tmp" / f"keepgpu-{uid_of(user)}"
+
+
+def node_keeper_status(user: str, node: str, name: str) -> dict[str, Any] | None:
+    path = node_runtime_dir(user, node) / f"{name}.ctl"
+    try:
+        result: dict[str, Any] = Client(f"ipc://{path}", timeout=1.0).call("status")
+    except (NoSupervisor, CommandFailed):
+        return None
+    return result
+
+
+def holding_on(user: str, node: str, name: str, count: int) -> dict[str, Any] | None:
+    st = node_keeper_status(user, node, name)
+    if st and len(st["gpus"]) == count and all(g["state"] == "holding" for g in st["gpus"]):
+        return st
+    return None
+
+
+def wait_holding_nodes(user: str, name: str, nodes: tuple[str, ...], count: int,
+                       timeout: float = 60) -> dict[str, dict[str, Any]]:
+    def all_holding() -> dict[str, dict[str, Any]] | None:
+        out = {}
+        for node in nodes:
+            st = holding_on(user, node, name, count)
+            if st is None:
+                return None
+            out[node] = st
+        return out
+
+    return wait_until(all_holding, timeout,  # type: ignore[no-any-return]
+                      f"keeper {name} of {user} holding {count} GPU(s) on {','.join(nodes)}")
+
+
+def pid_ns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
+def node_of(pid: int) -> str:
+    """The simulated node a process runs in ("" for the host)."""
+    ns = pid_ns(pid)
+    for node in NODES:
+        if ns and ns == pid_ns(node_init_pid(node)):
+            return node
+    return ""
+
+
+def job_keepers_by_node(job_id: int) -> dict[str, list[int]]:
+    """Live keepgpu processes of the job, by node."""
+    out: dict[str, list[int]] = {}
+    for pid in job_keeper_procs(job_id):
+        out.setdefault(node_of(pid), []).append(pid)
+    return out
+
+
+def node_gpu_idx(job_id: int) -> dict[str, list[str]]:
+    """The job's GPU indexes by node, from `scontrol show job -d` lines like
+    `Nodes=n[1-4] CPU_IDs=0 Mem=0 GRES=gpu:2(IDX:0-1)`."""
+    out = root_slurm(["scontrol", "show", "job", "-d", str(job_id)]).stdout
+    idx: dict[str, list[str]] = {}
+    pattern = r"Nodes=(\S+) CPU_IDs=\S+ Mem=\S+ GRES=gpu[^(]*\(IDX:([0-9,-]+)\)"
+    for nodes, gres in re.findall(pattern, out):
+        for node in root_slurm(["scontrol", "show", "hostnames", nodes]).stdout.split():
+            idx[node] = expand_idx(gres)
+    return idx
+
+
+def timed(job: Job, command: str, timeout: float = 60) -> tuple[int, str, float]:
+    """Run `command` in the job, timed inside it: (exit code, output, seconds)."""
+    rc, text = job.run(f"t=${{EPOCHREALTIME/./}}; {command}; rc=$?; "
+                       f"echo elapsed_us=$((${{EPOCHREALTIME/./}} - t)); exit $rc", timeout)
+    m = re.search(r"elapsed_us=(\d+)", text)
+    return rc, text, int(m.group(1)) / 1e6 if m else float("nan")

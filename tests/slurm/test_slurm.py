@@ -33,23 +33,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    env = dict(os.environ, KEEPGPU_SLURM_BUILD_PYTHON=sys.executable)
-    t0 = time.monotonic()
-    res = subprocess.run([str(h.CLUSTER), "up"], capture_output=True, text=True, timeout=600,
-                         env=env)
-    if res.returncode != 0:
-        pytest.fail(f"cluster.sh up failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    h.TIMINGS["cluster_up_s"] = time.monotonic() - t0
-    try:
-        yield
-    finally:
-        if os.environ.get("KEEPGPU_SLURM_KEEP") != "1":
-            subprocess.run([str(h.CLUSTER), "down"], capture_output=True, timeout=120)
-        h.write_timings()
-
-
-@pytest.fixture(scope="module")
 def timelimit_job(cluster: None) -> Iterator[h.Job]:
     """Submitted first (time limits are whole minutes), checked by the last test."""
     job = h.submit("kgtest2", "timelimit", "--time=1", "--gres=gpu:1",
