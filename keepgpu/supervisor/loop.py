@@ -86,6 +86,7 @@ class Supervisor:
         self._next_watchdog = clock()
         self._curve_own: keys.KeyPair | None = None
         self.watch: PidWatch | None = None
+        self._refusals = zap.RefusalLog()
 
     @property
     def shutting_down(self) -> bool:
@@ -313,8 +314,10 @@ class Supervisor:
         answer = zap.reply(frames, self.uid, curve)
         if answer[2] != b"200":
             mech = frames[5].decode("ascii", "replace") if len(frames) > 5 else "?"
-            log.warning("refused a control peer: %s (%s)",
-                        frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?", mech)
+            address = frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?"
+            line = self._refusals.note(address, mech, self.clock())
+            if line is not None:
+                log.warning("%s", line)
         self.zap.send_multipart(answer)
 
     def _on_worker(self, frames: list[bytes]) -> None:

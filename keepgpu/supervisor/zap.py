@@ -48,3 +48,33 @@ def reply(frames: list[bytes], own_uid: int,
     if allows(frames[2], address, mechanism, frames[6:], own_uid, curve_keys):
         return [b"1.0", frames[1], b"200", b"OK", b"", b""]
     return [b"1.0", frames[1], b"400", b"peer not allowed", b"", b""]
+
+
+class RefusalLog:
+    """Which refused handshakes get a log line: the first one per peer (address without the
+    ipc pid, mechanism), then one summary line at most every `every_s` seconds. Anyone who can
+    reach a tcp port can start handshakes: one line each would let them grow the log at will."""
+
+    def __init__(self, every_s: float = 60.0, max_peers: int = 64) -> None:
+        self.every_s = every_s
+        self.max_peers = max_peers
+        self._seen: set[tuple[str, str]] = set()
+        self._quiet = 0
+        self._last: float | None = None
+
+    def note(self, address: str, mechanism: str, now: float) -> str | None:
+        """The line to log for this refusal, or None to only count it."""
+        peer = _PEERCRED.sub(lambda m: f":{m.group(1)}:{m.group(2)}", address)
+        key = (peer, mechanism)
+        if key not in self._seen and len(self._seen) < self.max_peers:
+            self._seen.add(key)
+            return f"refused a control peer: {address} ({mechanism})"
+        self._quiet += 1
+        if self._last is None:
+            self._last = now
+        if now - self._last < self.every_s:
+            return None
+        line = (f"refused {self._quiet} more control handshake(s) in the last "
+                f"{now - self._last:.0f}s (last: {address}, {mechanism})")
+        self._quiet, self._last = 0, now
+        return line

@@ -103,8 +103,6 @@ def test_status_answers_and_sigterm_releases_during_a_handshake_flood(
     assert sup.proc.wait(15) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="loop.py _on_zap logs one WARNING per refused "
-                   "handshake: any local user can grow the log without bound (fix: rate-limit)")
 def test_refused_handshakes_do_not_flood_the_log(
     start_sup: Callable[..., Sup], own_keys: Path,
     flood: Callable[[Sup, float], subprocess.Popen[bytes]],

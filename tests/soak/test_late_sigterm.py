@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 from conftest import Sup
 
 FAST = ["--heartbeat", "0.2", "--hang-timeout", "1", "--join-timeout", "1", "--kill-timeout", "1"]

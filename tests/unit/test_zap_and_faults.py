@@ -45,3 +45,18 @@ def test_faults_most_specific_wins():
     assert load("2", 1, env).ignore_stop and not load("1", 1, env).ignore_stop
     with pytest.raises(ValueError, match="KEEPGPU_FAKE_HANG_AFTER"):
         load("0", 1, {"KEEPGPU_FAKE_HANG_AFTER": "soon"})
+
+
+def test_refusal_log_names_each_peer_once_then_summarises_at_most_every_minute():
+    from keepgpu.supervisor.zap import RefusalLog
+
+    rl = RefusalLog(every_s=60.0)
+    assert rl.note("127.0.0.1", "NULL", 0.0) == "refused a control peer: 127.0.0.1 (NULL)"
+    assert rl.note("localhost:65534:65534:10", "NULL", 0.1) is not None  # another peer
+    # The same uid from another pid is the same peer; the same address again is counted only.
+    assert all(rl.note(f"localhost:65534:65534:{pid}", "NULL", 1.0) is None
+               for pid in range(11, 500))
+    assert rl.note("127.0.0.1", "NULL", 30.0) is None
+    line = rl.note("127.0.0.1", "NULL", 61.5)
+    assert line is not None and line.startswith("refused 491 more control handshake(s)")
+    assert rl.note("127.0.0.1", "NULL", 62.0) is None
