@@ -6,9 +6,11 @@ every selected GPU holds or has failed, or when the daemon gives up early (lock,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,20 @@ from keepgpu.cli.common import EXIT_ALL_FATAL, EXIT_CONFIG, EXIT_FAILED, Exit, f
 
 
 def open_log_file(path: Path) -> tuple[Path, int]:
-    """(absolute path, fd open for appending) of the daemon's log; exit 78 when it cannot be
-    opened. Called before forking, so a refused start leaves nothing running."""
+    """(absolute path, fd open for appending) of a --log-file; exit 78 when it cannot be opened
+    or is not a regular file. Opened without blocking (a FIFO nobody reads would hang the open
+    forever) and before any fork, so a refused start leaves nothing running."""
     path = path.expanduser().absolute()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        fail(EXIT_CONFIG, f"cannot open --log-file {path}: {exc.strerror}")
-    if not os.path.isfile(path):
+        why = "a FIFO that nobody reads" if exc.errno == errno.ENXIO else exc.strerror
+        fail(EXIT_CONFIG, f"cannot open --log-file {path}: {why}; give a regular file")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         fail(EXIT_CONFIG, f"cannot use --log-file {path}: not a regular file")
+    os.set_blocking(fd, True)
     return path, fd
 
 

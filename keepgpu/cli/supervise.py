@@ -154,10 +154,8 @@ def cli(**opts: Any) -> int:
 def _open_log(path: Path | None) -> Any:
     if path is None:
         return sys.stderr
-    try:
-        fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as we do
-    except OSError as exc:
-        fail(EXIT_CONFIG, f"cannot open --log-file {path}: {exc.strerror}")
+    _, fd = open_log_file(path)
+    fh = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
     # Workers inherit fd 2: their stack dumps and errors land in the same file.
     os.dup2(fh.fileno(), 2)
     return fh

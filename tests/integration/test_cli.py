@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -150,3 +151,14 @@ def test_wait_ready_reports_a_fatal_gpu_with_exit_1(start_sup):
                     env={"KEEPGPU_FAKE_EXIT_CONFIG": "1:1"})
     out = sup.ctl("wait", "--ready", "--timeout", "20")
     assert out.returncode == 1 and "GPU(s) 1 fatal" in out.stderr
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["fg", "detach"])
+def test_log_file_fifo_is_refused_at_once_not_waited_on(base_env, runtime_dir, detach):
+    fifo = runtime_dir / "log.fifo"
+    os.mkfifo(fifo)
+    cmd = [*SUPERVISE, "--gpus", "0", "--log-file", str(fifo)] + (["--detach"] if detach else [])
+    out = subprocess.run(cmd, env=base_env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 78, out.stderr
+    assert out.stderr.count("\n") == 1 and "FIFO" in out.stderr
+    assert not (runtime_dir / "default.pid").exists()
