@@ -281,15 +281,16 @@ class AsyncKeeper:
 
 async def start_keeper(gpus: str | list[int] = "all", vram: str = "1GiB", *,
                        name: str | None = None, start_timeout: float = 120.0,
-                       **options: Any) -> AsyncKeeper:
+                       own_name: bool | None = None, **options: Any) -> AsyncKeeper:
     """Start a keeper (a `keepgpu-supervise` child ending with this process) and wait until
-    every GPU holds. Options as for `keepgpu.hold()`. Raises HoldError (the keeper is then
-    released already)."""
+    every GPU holds. Options as for `keepgpu.hold()`; `own_name` (default: no `name` given)
+    says the name is this call's alone, so its files are removed after release. Raises
+    HoldError (the keeper is then released already)."""
     if options.get("detach"):
         raise ValueError("hold() runs its keeper as a child; detach is not an option here")
     spec = ",".join(str(g) for g in gpus) if isinstance(gpus, list) else gpus
-    keeper = AsyncKeeper(_Keeper(name or _unique_name(), spec, vram, dict(options),
-                                 own_name=name is None))
+    own = name is None if own_name is None else own_name
+    keeper = AsyncKeeper(_Keeper(name or _unique_name(), spec, vram, dict(options), own))
     try:
         await keeper.wait_holding(start_timeout)
     except BaseException:
