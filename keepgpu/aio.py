@@ -99,7 +99,7 @@ class AsyncClient:
             sock.linger = 0
             try:
                 if ep.kind == "tcp":
-                    self._helper._use_curve(sock)
+                    self._helper._use_curve(sock)  # type: ignore[arg-type]
                 self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
                 self._monitor.linger = 0
                 sock.connect(self.endpoint)

@@ -12,11 +12,12 @@ SDK is not installed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -43,8 +44,110 @@ _INSTRUCTIONS = (
 )
 
 
-def _fail(exc: Exception) -> ToolError:
-    return ToolError(str(exc))
+_T = TypeVar("_T")
+_EXPECTED = (KeeperError, HoldError, UnitError, ValueError)
+
+
+def _write(destructive: bool, idempotent: bool) -> ToolAnnotations:
+    return ToolAnnotations(read_only_hint=False, destructive_hint=destructive,
+                           idempotent_hint=idempotent, open_world_hint=False)
+
+
+def _tool_errors(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """Anticipated failures become ToolError: the agent reads the message (isError) and the
+    server logs one line; anything else is the SDK's "unexpected" error, still not fatal."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except _EXPECTED as exc:
+            raise ToolError(str(exc)) from None
+
+    return wrapper
+
+
+class Tools:
+    """The tools, as methods over one keeper registry (their docstrings are their specs)."""
+
+    def __init__(self, reg: Keepers) -> None:
+        self.reg = reg
+
+    async def list_gpus(self) -> dict[str, Any]:
+        """GPUs this user could hold here (no keeper needed), and which keeper holds each."""
+        return await _list_gpus(self.reg)
+
+    async def status(self, name: Annotated[str | None, Field(
+            description="a keeper name; omit for every keeper of this user")] = None
+                     ) -> dict[str, Any]:
+        """State and telemetry of every GPU of one keeper, or of all keepers of this user."""
+        found = await self.reg.statuses(name)
+        text = "\n".join(words.summary(s) for s in found) or "no keeper is running"
+        return {"text": text, "keepers": found}
+
+    async def explain(self, name: Annotated[str | None, Field(
+            description="a keeper name; omit for every keeper of this user")] = None
+                      ) -> dict[str, Any]:
+        """Why each GPU is in its state (held, backing off, failed...), with the numbers."""
+        found = await self.reg.statuses(name)
+        return {"text": "\n".join(words.explain(s) for s in found) or "no keeper is running"}
+
+    async def hold(
+        self,
+        max_hold_s: Annotated[float, Field(gt=0, le=MAX_HOLD_LIMIT_S, description=(
+            "required time limit in seconds: the keeper releases everything after it"))],
+        gpus: Annotated[str, Field(description="all, ordinals (0,1) or GPU UUIDs")] = "all",
+        vram: Annotated[str, Field(description="VRAM per GPU: 1GiB, 750MB, 20%, bytes")] = "1GiB",
+        mode: Annotated[str | None, Field(description="duty, sm, compute or pstate")] = None,
+    ) -> dict[str, Any]:
+        """Start a keeper holding `gpus` until `max_hold_s` seconds pass, `release` is called
+        or this server ends, whichever comes first. Returns once every GPU holds."""
+        parse_vram(vram)  # UnitError in words before anything starts
+        if mode is not None and mode not in MODES:
+            raise KeeperError(f"mode must be one of {', '.join(MODES)}")
+        options = {"mode": mode} if mode else {}
+        name, owned = await self.reg.hold(gpus, vram, max_hold_s, options)
+        st = (await self.reg.statuses(name))[0]
+        return {"name": name, "pid": owned.keeper.pid, "ends_in_s": round(owned.left_s(), 1),
+                "text": words.summary(st), "gpus": [words.line(g) for g in st["gpus"]]}
+
+    async def release(self, name: Name, gpus: Gpus = None) -> dict[str, Any]:
+        """Release a keeper's GPUs (memory freed); without `gpus` the keeper exits."""
+        return await self.reg.release(name, gpus)
+
+    async def pause(self, name: Name, gpus: Gpus = None, seconds: Annotated[
+            float | None, Field(gt=0, le=30 * 24 * 3600, description=(
+                "resume by itself after this; omit: until `resume`"))] = None) -> dict[str, Any]:
+        """Stop a keeper's GPU work (its memory stays held) until `resume` or `seconds`."""
+        args: dict[str, Any] = {"gpus": gpus} if gpus else {}
+        if seconds is not None:
+            args["seconds"] = seconds
+        return await self.reg.call(name, "pause", args)
+
+    async def resume(self, name: Name, gpus: Gpus = None) -> dict[str, Any]:
+        """Resume a paused keeper's GPU work."""
+        return await self.reg.call(name, "resume", {"gpus": gpus} if gpus else None)
+
+    async def yield_for(self, name: Name, seconds: Annotated[float, Field(
+            gt=0, le=24 * 3600, description="how long the GPUs stay free")],
+                        gpus: Gpus = None) -> dict[str, Any]:
+        """Free a keeper's GPUs (memory and work) for `seconds`, for a job of your own; the
+        keeper holds them again afterwards. Returns once the memory is free."""
+        return await _yield_for(self.reg, name, seconds, gpus)
+
+
+# name -> annotations: read-only tools change nothing; among the others, only release takes
+# something away (memory the agent asked to keep held).
+ANNOTATIONS = {
+    "list_gpus": _READ,
+    "status": _READ,
+    "explain": _READ,
+    "hold": _write(False, False),
+    "release": _write(True, True),
+    "pause": _write(False, True),
+    "resume": _write(False, True),
+    "yield_for": _write(False, False),
+}
 
 
 def build(keepers: Keepers | None = None) -> MCPServer[Any]:
@@ -60,104 +163,9 @@ def build(keepers: Keepers | None = None) -> MCPServer[Any]:
 
     server: MCPServer[Any] = MCPServer("keepgpu", version=__version__,
                                         instructions=_INSTRUCTIONS, lifespan=lifespan)
-
-    @server.tool(annotations=_READ)
-    async def list_gpus() -> dict[str, Any]:
-        """GPUs this user could hold here (no keeper needed), and which keeper holds each."""
-        return await _list_gpus(reg)
-
-    @server.tool(annotations=_READ)
-    async def status(name: Annotated[str | None, Field(
-            description="a keeper name; omit for every keeper of this user")] = None
-                     ) -> dict[str, Any]:
-        """State and telemetry of every GPU of one keeper, or of all keepers of this user."""
-        try:
-            found = await reg.statuses(name)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-        text = "\n".join(words.summary(s) for s in found) or "no keeper is running"
-        return {"text": text, "keepers": found}
-
-    @server.tool(annotations=_READ)
-    async def explain(name: Annotated[str | None, Field(
-            description="a keeper name; omit for every keeper of this user")] = None
-                      ) -> dict[str, Any]:
-        """Why each GPU is in its state (held, backing off, failed...), with the numbers."""
-        try:
-            found = await reg.statuses(name)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-        return {"text": "\n".join(words.explain(s) for s in found) or "no keeper is running"}
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
-                                             idempotent_hint=False, open_world_hint=False))
-    async def hold(
-        max_hold_s: Annotated[float, Field(gt=0, le=MAX_HOLD_LIMIT_S, description=(
-            "required time limit in seconds: the keeper releases everything after it"))],
-        gpus: Annotated[str, Field(description="all, ordinals (0,1) or GPU UUIDs")] = "all",
-        vram: Annotated[str, Field(description="VRAM per GPU: 1GiB, 750MB, 20%, bytes")] = "1GiB",
-        mode: Annotated[str | None, Field(description="duty, sm, compute or pstate")] = None,
-    ) -> dict[str, Any]:
-        """Start a keeper holding `gpus` until `max_hold_s` seconds pass, `release` is called
-        or this server ends, whichever comes first. Returns once every GPU holds."""
-        options: dict[str, Any] = {}
-        try:
-            parse_vram(vram)
-            if mode is not None:
-                if mode not in MODES:
-                    raise KeeperError(f"mode must be one of {', '.join(MODES)}")
-                options["mode"] = mode
-            name, owned = await reg.hold(gpus, vram, max_hold_s, options)
-            st = (await reg.statuses(name))[0]
-        except (UnitError, KeeperError, HoldError, ValueError) as exc:
-            raise _fail(exc) from None
-        return {"name": name, "pid": owned.keeper.pid, "ends_in_s": round(owned.left_s(), 1),
-                "text": words.summary(st), "gpus": [words.line(g) for g in st["gpus"]]}
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
-                                             idempotent_hint=True, open_world_hint=False))
-    async def release(name: Name, gpus: Gpus = None) -> dict[str, Any]:
-        """Release a keeper's GPUs (memory freed); without `gpus` the keeper exits."""
-        try:
-            return await reg.release(name, gpus)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
-                                             idempotent_hint=True, open_world_hint=False))
-    async def pause(name: Name, gpus: Gpus = None, seconds: Annotated[float | None, Field(
-            gt=0, le=30 * 24 * 3600, description="resume by itself after this; omit: until "
-            "`resume`")] = None) -> dict[str, Any]:
-        """Stop a keeper's GPU work (its memory stays held) until `resume` or `seconds`."""
-        args: dict[str, Any] = {"gpus": gpus} if gpus else {}
-        if seconds is not None:
-            args["seconds"] = seconds
-        try:
-            return await reg.call(name, "pause", args)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
-                                             idempotent_hint=True, open_world_hint=False))
-    async def resume(name: Name, gpus: Gpus = None) -> dict[str, Any]:
-        """Resume a paused keeper's GPU work."""
-        try:
-            return await reg.call(name, "resume", {"gpus": gpus} if gpus else None)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-
-    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
-                                             idempotent_hint=False, open_world_hint=False))
-    async def yield_for(name: Name, seconds: Annotated[float, Field(
-            gt=0, le=24 * 3600, description="how long the GPUs stay free")],
-                        gpus: Gpus = None) -> dict[str, Any]:
-        """Free a keeper's GPUs (memory and work) for `seconds`, for a job of your own; the
-        keeper holds them again afterwards. Returns once the memory is free."""
-        try:
-            return await _yield_for(reg, name, seconds, gpus)
-        except KeeperError as exc:
-            raise _fail(exc) from None
-
+    tools = Tools(reg)
+    for name, hints in ANNOTATIONS.items():
+        server.add_tool(_tool_errors(getattr(tools, name)), name=name, annotations=hints)
     return server
 
 

@@ -107,8 +107,13 @@ def test_tools_annotations_and_a_full_hold_cycle(env: dict[str, str], runtime_di
 
         err, _ = await call(s, "pause", name=name, gpus=[1])
         assert not err
-        err, st = await call(s, "status", name=name)
-        assert st["keepers"][0]["gpus"][1]["reason"] == "paused"
+        reasons: list[Any] = []
+        deadline = time.monotonic() + 10
+        while reasons != [None, "paused"] and time.monotonic() < deadline:
+            await anyio.sleep(0.1)  # the worker reports the pause with its next heartbeat
+            err, st = await call(s, "status", name=name)
+            reasons = [g["reason"] for g in st["keepers"][0]["gpus"]]
+        assert reasons == [None, "paused"]
         assert not (await call(s, "resume", name=name))[0]
 
         err, rel = await call(s, "release", name=name)
