@@ -261,7 +261,8 @@ class KeeperView:
 def parse_status(result: dict[str, Any]) -> KeeperView:
     """The `status` result (docs/protocol.md) as a KeeperView; missing fields become None."""
     sup = result.get("supervisor") or {}
-    config = sup.get("config") if isinstance(sup.get("config"), dict) else {}
+    raw_config = sup.get("config")
+    config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
     return KeeperView(
         name=str(sup.get("name") or "?"), pid=_int(sup.get("pid")),
         state=str(sup.get("state") or "?"), uptime_s=_num(sup.get("uptime_s")),

@@ -7,7 +7,7 @@ from typing import Any
 
 from keepgpu.cli.model import GpuView, duration, human_bytes, parse_status, pct, temp, watts
 
-#: The 80-column table and what `--wide` adds, as `keepgpu-ctl status --help` describes in `keepgpu-ctl status --help`.
+#: The 80-column table and what `--wide` adds, as `keepgpu-ctl status --help` shows them.
 COLUMNS_HELP = """\b
 Columns: GPU (ordinal in this keeper), STATE (state and reason: holding, backoff busy|thermal|
 pressure|paused, starting, restarting, fatal ...; `keepgpu-ctl explain` says why), HELD (VRAM
