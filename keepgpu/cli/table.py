@@ -57,7 +57,8 @@ def render_status(result: dict[str, Any], wide: bool = False) -> str:
     for g in k.gpus:
         rows.append(_row(g, wide))
         if g.error:
-            last = f" (last: {g.last_exit})" if g.last_exit else ""
+            said = "last exit" in g.error
+            last = f" (last: {g.last_exit})" if g.last_exit and not said else ""
             notes.append(f"gpu {g.gpu}: {g.error}{last}")
     width = None if wide else WIDTH
     lines = [head if wide else _fit(head), _table(rows, width)]
