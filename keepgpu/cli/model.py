@@ -253,9 +253,10 @@ class KeeperView:
     gpus: tuple[GpuView, ...] = ()
 
     def header(self) -> str:
-        """'keeper default: pid 1234, running, up 3m05s, engine fake'."""
-        return (f"keeper {self.name}: pid {self.pid}, {self.state}, up {duration(self.uptime_s)}, "
-                f"engine {self.engine or '?'}")
+        """'supervisor default  pid 1234  running  up 3m05s  engine fake' (the status header
+        line since the first release: scripts may read it)."""
+        return (f"supervisor {self.name}  pid {self.pid}  {self.state}  "
+                f"up {duration(self.uptime_s)}  engine {self.engine or '?'}")
 
 
 def parse_status(result: dict[str, Any]) -> KeeperView:

@@ -48,7 +48,7 @@ def render_status(result: dict[str, Any], wide: bool = False) -> str:
     k = parse_status(result)
     head = k.header()
     if wide:
-        head += f", version {k.version or '?'}, {k.endpoint or '?'}"
+        head += f"  version {k.version or '?'}  {k.endpoint or '?'}"
     rows = [["GPU", "STATE", "HELD", "UTIL-OWN", "OTHERS", "TEMP", "POWER", "PID", "RESTARTS"]]
     if wide:
         rows[0] += ["MEM-USED/TOTAL", "UTIL", "DUTY", "PSTATE", "INC", "LAST-EXIT", "HB-AGE",

@@ -35,7 +35,7 @@ def test_status_fits_80_columns_with_human_units(start_sup):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, out.stdout
-    assert lines[0].startswith(f"keeper {sup.name}: pid {sup.pid}, running")
+    assert lines[0].startswith(f"supervisor {sup.name}  pid {sup.pid}  running")
     assert len(lines) == 4 and all("2.0 GiB" in row and "°C" in row for row in lines[2:])
     assert str(2 * 1024**3) not in out.stdout, "raw bytes"
     wide = sup.ctl("status", "--wide")
@@ -110,8 +110,8 @@ def test_top_once_shows_every_keeper_of_the_runtime_dir(start_sup, base_env):
     two.wait_states("holding")
     out = ctl(base_env, "top", "--once")
     assert out.returncode == 0, out.stderr
-    assert f"keeper {one.name}: pid {one.pid}" in out.stdout
-    assert f"keeper {two.name}: pid {two.pid}" in out.stdout
+    assert f"supervisor {one.name}  pid {one.pid}" in out.stdout
+    assert f"supervisor {two.name}  pid {two.pid}" in out.stdout
     assert out.stdout.count(" holding ") == 3 and "\x1b[" not in out.stdout, "plain, no ANSI"
     only = ctl(base_env, "--name", one.name, "top", "--once")
     assert one.name in only.stdout and two.name not in only.stdout
@@ -140,7 +140,7 @@ def test_top_live_in_a_terminal_refreshes_records_events_and_quits_on_q(
                     "-x", "80", "-y", "24", cmd], env=env, check=True, timeout=10)
     try:
         first = wait_until(lambda: _pane_with(sock, "holding"), 20)
-        assert f"keeper {sup.name}" in first and "q quits" in first
+        assert f"supervisor {sup.name}" in first and "q quits" in first
         clock = first.splitlines()[0]
         # Refreshes in place: the title's clock moves, and the busy event is seen and recorded.
         busy = wait_until(lambda: _pane_with(sock, "→ backing off"), 30)

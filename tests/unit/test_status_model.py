@@ -5,6 +5,8 @@ from status results written as docs/protocol.md describes them (no processes: pu
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ from rich.console import Console
 from keepgpu.cli.explain import render_explain
 from keepgpu.cli.model import GiB, duration, human_bytes, parse_status
 from keepgpu.cli.table import render_status
-from keepgpu.cli.top import SPARK_SPAN_S, KeeperFeed, frame, sparkline
+from keepgpu.cli.top import SPARK_SPAN_S, KeeperFeed
+from keepgpu.cli.top_frame import frame, sparkline
 from keepgpu.client import Client
 
 CONFIG = {"engine": "fake", "max_restarts": 5, "restart_window_s": 300.0,
@@ -163,5 +166,13 @@ def test_top_frame_fits_80_by_24_and_records_state_changes(tmp_path: Path) -> No
         feed.client.close()
     lines = text.rstrip("\n").splitlines()
     assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, text
-    assert "keeper default: pid 1234" in text and "2.0 GiB of 80.0 GiB" in text
+    assert "supervisor default  pid 1234" in text and "2.0 GiB of 80.0 GiB" in text
     assert "holding → backing off: others busy" in text and "44°C" in text and "P0" in text
+
+
+def test_keepgpu_ctl_loads_rich_only_for_top() -> None:
+    # Other users' and minimal installs run status/stop (the security tests run it as nobody).
+    code = "import sys, keepgpu.cli.ctl; print('rich' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "False"
