@@ -31,7 +31,9 @@ from keepgpu.cli.common import (
     from_env,
     run_standalone,
 )
-from keepgpu.cli.table import render_status, render_stop
+from keepgpu.cli.explain import explain
+from keepgpu.cli.table import COLUMNS_HELP, render_status, render_stop
+from keepgpu.cli.top import top
 from keepgpu.client import BadEndpoint, Client, CommandFailed, NoSupervisor, endpoint_for
 from keepgpu.protocol.control import MAX_SECONDS, MODES
 from keepgpu.protocol.endpoint import EndpointError
@@ -144,15 +146,16 @@ def ping(obj: Ctx) -> int:
     return 0
 
 
-@cli.command()
+@cli.command(epilog=COLUMNS_HELP)
 @gpus_option
+@click.option("--wide", is_flag=True, help="more columns (wider than 80)")
 @json_option
 @click.pass_obj
-def status(obj: Ctx, gpus: str | None, as_json: bool) -> int:
-    """State and telemetry of every GPU."""
+def status(obj: Ctx, gpus: str | None, wide: bool, as_json: bool) -> int:
+    """State and telemetry of every GPU, in 80 columns."""
     obj.as_json = as_json
     result = obj.call("status", _args(gpus=_gpus(gpus)))
-    obj.show(result, render_status(result))
+    obj.show(result, render_status(result, wide=wide))
     return 0
 
 
@@ -283,6 +286,10 @@ def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
             fail(EXIT_NO_SUPERVISOR if result is None else EXIT_FAILED,
                  f"{what} after {wait_timeout:g}s")
         time.sleep(0.1)
+
+
+cli.add_command(explain)
+cli.add_command(top)
 
 
 def main() -> None:

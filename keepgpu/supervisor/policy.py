@@ -36,6 +36,10 @@ class RestartPolicy:
     def recent(self) -> int:
         return len(self._history)
 
+    def in_window(self, now: float) -> int:
+        """Restarts recorded within the last `window_s` seconds before `now` (read-only)."""
+        return sum(1 for t in self._history if now - t <= self.window_s)
+
     def reset(self) -> None:
         """Forget history (an operator's `start` revives a fatal slot with a clean slate)."""
         self._history.clear()

@@ -7,6 +7,7 @@ module keeps the record and renders it for `status`.
 
 from __future__ import annotations
 
+import math
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ TELEMETRY_FIELDS = (
     "probing",
     "target_reachable",
     "telemetry_error",
+    "policy",
+    "other_processes",
 )
 
 
@@ -110,4 +113,13 @@ class Slot:
         for key in TELEMETRY_FIELDS:
             out[key] = self.telemetry.get(key)
         out["error"] = self.error
+        # For `explain`: what would change the state (read here, no per-tick work).
+        out["restarts_in_window"] = self.policy.in_window(now)
+        out["restart_in_s"] = (None if self.restart_at is None or self.state != "restarting"
+                               else round(max(0.0, self.restart_at - now), 3))
+        left = None if self.paused_until is None else self.paused_until - now
+        if left is not None and left <= 0:
+            left = None  # a timed pause that has run out
+        out["pause_left_s"] = None if left is None or math.isinf(left) else round(left, 3)
+        out["paused_forever"] = left is not None and math.isinf(left)
         return out

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Collection
 from typing import Any
 
 import zmq
@@ -30,6 +31,7 @@ from keepgpu.worker.engines.base import (
     EngineError,
 )
 from keepgpu.worker.governor import Decision, Governor
+from keepgpu.worker.policy import BUSY_CLEAR_S, THERMAL_HYSTERESIS_C
 from keepgpu.worker.settings import Settings
 
 log = logging.getLogger("keepgpu.worker")
@@ -213,7 +215,30 @@ class KeepLoop:
         fields["probing"] = self.decision.probing
         fields["target_reachable"] = self.decision.target_reachable
         fields["telemetry_error"] = self.sample.error if self.sample else "no telemetry"
+        fields["policy"] = self.policy_fields(time.monotonic())
+        fields["other_processes"] = other_processes(self.sample, self.governor.own_pids)
         return fields
+
+    def policy_fields(self, now: float) -> dict[str, Any]:
+        """What the keep loop judges by right now, so that `keepgpu-ctl explain` can say what
+        would change the state (protocol: `policy` in a status GPU entry)."""
+        s, busy = self.settings, self.governor.busy
+        try:
+            target: int | None = self.target_bytes()
+        except ConfigurationError:
+            target = None
+        return {
+            "mode": s.mode,
+            "target_util": s.target_util,
+            "busy_threshold": s.busy_threshold,
+            "max_temp": s.max_temp,
+            "on_pressure": s.on_pressure,
+            "hold_target_bytes": target,
+            "hold_want_bytes": self.want_bytes,
+            "busy_clear_s": BUSY_CLEAR_S,
+            "calm_for_s": None if busy.calm_since is None else round(now - busy.calm_since, 2),
+            "thermal_resume_c": s.max_temp - THERMAL_HYSTERESIS_C,
+        }
 
     def _heartbeat(self) -> None:
         self.send(
@@ -276,6 +301,21 @@ class KeepLoop:
         self.engine.release()
         log.info("released %d bytes", held)
         self.send("stopped", held_bytes=0)
+
+
+#: Other processes named in a heartbeat (the busiest first): enough to say who is in the way.
+OTHER_PROCESSES_MAX = 3
+
+
+def other_processes(sample: GpuSample | None, own_pids: Collection[int]) -> list[dict[str, Any]]:
+    """The busiest processes on the device that are not the keeper (protocol:
+    `other_processes`): pid, uid (null when unknown), util_pct (null when not per process),
+    used_bytes."""
+    procs = [p for p in (sample.processes if sample and sample.processes else ())
+             if p.pid not in own_pids]
+    procs.sort(key=lambda p: (p.util_pct or 0.0, p.used_bytes or 0), reverse=True)
+    return [{"pid": p.pid, "uid": p.uid, "util_pct": p.util_pct, "used_bytes": p.used_bytes}
+            for p in procs[:OTHER_PROCESSES_MAX]]
 
 
 def describe_change(decision: Decision, sample: GpuSample | None, held: int,

@@ -187,7 +187,7 @@ def test_ctl_status_table_and_json(sup):
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"supervisor {sup.name}  pid {sup.pid}")
-    assert lines[1].split()[:3] == ["GPU", "STATE", "REASON"]
+    assert lines[1].split()[:3] == ["GPU", "STATE", "HELD"]
     assert lines[2].split()[:2] == ["0", "holding"]
     data = json.loads(sup.ctl("status", "--json").stdout)
     assert len(data["gpus"]) == 2
