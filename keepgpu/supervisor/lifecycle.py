@@ -287,7 +287,7 @@ class SlotLifecycle:
             self.set_state(slot, "fatal", "config", said=said)
             return
         if slot.state == "starting" and slot.error is None:
-            slot.error = f"worker {exit_words(slot.last_exit)} before READY"
+            slot.error = f"worker exited ({exit_words(slot.last_exit)}) before READY"
         self._schedule_restart(slot, now, up_for)
 
     def _schedule_restart(self, slot: Slot, now: float, up_for: float) -> None:

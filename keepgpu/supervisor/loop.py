@@ -82,6 +82,7 @@ class Supervisor:
         self._sigr = -1
         self._sigw = -1
         self.on_ready: Callable[[Supervisor], None] | None = None
+        self.on_progress: Callable[[Supervisor], None] | None = None  # until ready (--detach)
         self._ready_fired = False
         self.notifier = Notifier()
         self._next_watchdog = clock()
@@ -401,6 +402,8 @@ class Supervisor:
         """Once every GPU holds or has failed: --detach's parent is told, and systemd."""
         if self._ready_fired:
             return
+        if self.on_progress is not None:
+            self.on_progress(self)
         if all(s.state in LIVE_STATES or s.state in DONE_STATES for s in self.slots.values()):
             self._ready_fired = True
             holding = sum(s.state in LIVE_STATES for s in self.slots.values())
