@@ -34,7 +34,6 @@ _counter = itertools.count(1)  # next() on a count is atomic under the GIL: safe
 _HELD = ("holding", "backoff")
 _FAILED = ("fatal", "unkillable")
 _TAIL_BYTES = 64 * 1024
-_FATAL_RE = re.compile(r"^gpu=(\d+) fatal: (.*)$")  # the supervisor's line before exit 4
 _TEXT_RE = re.compile(r"^\S+ \S+ \S+\[\d+\] [A-Z]+ (.*)$")  # --log-format text: the message
 _SLACK_S = 10.0
 
@@ -161,12 +160,11 @@ class _Keeper:
 
     def _exited(self, code: int, gpus: list[dict[str, Any]]) -> HoldError:
         """The keeper ended before every GPU held: its last line and its per-GPU reasons."""
-        messages = [m for m in (_message(line) for line in _tail(self.log)) if m]
+        lines = _tail(self.log)
+        messages = [m for m in (_message(line) for line in lines) if m]
         reasons = {g["gpu"]: _reason(g) for g in gpus if g["state"] in _FAILED}
-        for msg in messages:
-            match = _FATAL_RE.match(msg)
-            if match:
-                reasons[int(match.group(1))] = match.group(2)
+        for gpu, error in _fatal_records(lines):
+            reasons[gpu] = error
         last = messages[-1] if messages else "(no output)"
         return HoldError(f"keeper exited {code}: {last}", reasons, self.log)
 
@@ -219,6 +217,23 @@ def _tail(path: Path) -> list[str]:
     except OSError:
         return []
     return lines[1:] if size > _TAIL_BYTES else lines
+
+
+def _fatal_records(lines: list[str]) -> list[tuple[int, str]]:
+    """(gpu, error) of every json `state` record that made a GPU fatal (the keeper's log is
+    json: see Keeper)."""
+    out = []
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == "state" and rec.get("state") == "fatal" \
+                and isinstance(rec.get("gpu"), int) and isinstance(rec.get("error"), str):
+            out.append((rec["gpu"], rec["error"]))
+    return out
 
 
 def _message(line: str) -> str:

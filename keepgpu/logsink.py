@@ -29,6 +29,8 @@ import socket
 import stat
 from typing import Any
 
+from keepgpu.logfmt import plain_record
+
 PIPE_BUF = 4096  # POSIX minimum and Linux's value: pipe writes up to this size are atomic
 
 
@@ -102,13 +104,21 @@ class NonBlockingHandler(logging.Handler):
             self.handleError(record)
             return
         if self.dropped:
-            note = f"keepgpu: {self.dropped} log line(s) dropped: the log stream was full\n"
-            if not self._write(note.encode()):
+            if not self._write(self._dropped_note().encode("utf-8", "replace")):
                 self.dropped += 1
                 return
             self.dropped = 0
         if not self._write(text.encode("utf-8", "replace")):
             self.dropped += 1
+
+    def _dropped_note(self) -> str:
+        # Formatted like every other line, so that a json log stays one object per line.
+        text = f"{self.dropped} log line(s) dropped: the log stream was full"
+        try:
+            return self.format(plain_record(text, event="log-dropped",
+                                            dropped=self.dropped)) + "\n"
+        except Exception:  # noqa: BLE001 - the note must not fail where the record did not
+            return f"keepgpu: {text}\n"
 
     def _write(self, data: bytes) -> bool:
         if self._torn:

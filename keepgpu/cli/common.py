@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
-import time
 from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
 
+from keepgpu.logfmt import WORKER_FORMAT_ENV, WORKER_LEVEL_ENV, formatter
 from keepgpu.logsink import handler_for
 
 EXIT_OK = 0
@@ -122,33 +121,21 @@ def run_standalone(cmd: click.Command, prog: str) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
 def setup_logging(verbosity: int, fmt: str, stream: Any) -> None:
     """Log to `stream` through a handler that drops lines rather than block (keepgpu.logsink):
-    a keeper whose stderr is a full pipe must keep serving."""
-    level = logging.INFO - 10 * verbosity
+    a keeper whose stderr is a full pipe must keep serving. The workers this process spawns
+    inherit the format and level through the environment (they write to the same stream)."""
+    level = max(logging.DEBUG, min(logging.CRITICAL, logging.INFO - 10 * verbosity))
     handler = handler_for(stream)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-        )
+    handler.setFormatter(formatter(fmt, "%(name)s[%(process)d]"))
     root = logging.getLogger("keepgpu")
     root.handlers[:] = [handler]
-    root.setLevel(max(logging.DEBUG, min(logging.CRITICAL, level)))
+    root.setLevel(level)
     root.propagate = False
+    # Python's warnings would otherwise reach stderr as raw text, breaking a json log.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [handler]
+    warnings_log.propagate = False
+    os.environ[WORKER_FORMAT_ENV] = fmt
+    os.environ.setdefault(WORKER_LEVEL_ENV, logging.getLevelName(level))

@@ -263,6 +263,7 @@ def _run(
         if exit_with is not None:
             sup.watch_pid(exit_with)
         sup.on_ready = _report_ready
+        sup.on_progress = Reporter.progress
         log.info(
             "keepgpu %s supervisor %r pid %d: %d GPU(s) [%s], engine %s, control %s",
             __version__, config.name, os.getpid(), len(devices),

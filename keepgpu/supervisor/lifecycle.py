@@ -17,8 +17,9 @@ import signal
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
+from keepgpu.logfmt import fields
 from keepgpu.protocol.runtime import Paths
-from keepgpu.protocol.units import UnitError, parse_vram
+from keepgpu.protocol.units import UnitError, format_bytes, parse_vram
 from keepgpu.supervisor import procs
 from keepgpu.supervisor.config import SupervisorConfig
 from keepgpu.supervisor.devices import Device
@@ -80,15 +81,19 @@ class SlotLifecycle:
         )
         return Slot(gpu=dev.gpu, device_entry=dev.entry, uuid=dev.uuid, policy=policy)
 
-    def set_state(self, slot: Slot, state: str, reason: str | None) -> None:
+    def set_state(self, slot: Slot, state: str, reason: str | None, said: str | None = None,
+                  level: int = logging.INFO) -> None:
+        """Change the slot's state, in one log line. `said`: what to add that no line has
+        said yet (a failure the supervisor found; the worker logs its own errors itself)."""
         if slot.state == state and slot.reason == reason:
             return
         self.dirty = True
+        before = slot.state
         slot.state, slot.reason = state, reason
-        log.info(
-            "gpu=%d pid=%s inc=%d state=%s reason=%s",
-            slot.gpu, slot.pid, slot.incarnation, state, reason or "-",
-        )
+        extra = fields("state", **_who(slot), state=state, reason=reason, previous=before,
+                       error=slot.error if state in ("fatal", "unkillable") else None)
+        log.log(level, "gpu=%d pid=%s inc=%d state=%s reason=%s%s", slot.gpu, slot.pid or "-",
+                slot.incarnation, state, reason or "-", f": {said}" if said else "", extra=extra)
 
     def _settings_for(self, slot: Slot) -> dict[str, Any]:
         settings = self.config.worker.to_wire()
@@ -127,7 +132,7 @@ class SlotLifecycle:
         except OSError as exc:
             slot.proc = None
             slot.error = f"cannot start worker: {exc}"
-            self.set_state(slot, "fatal", "spawn-failed")
+            self.set_state(slot, "fatal", "spawn-failed", said=slot.error)
             return
         self.set_state(slot, "starting", None)
 
@@ -144,8 +149,10 @@ class SlotLifecycle:
             want = total + 1
         if want > total:
             del slot.overrides["vram"]
-            log.warning("gpu=%d: dropped the vram override %s: it exceeds the device's %d bytes",
-                        slot.gpu, vram, total)
+            log.warning("gpu=%d: dropped the vram override %s: it exceeds the device's %s",
+                        slot.gpu, vram, format_bytes(total),
+                        extra=fields("override-dropped", gpu=slot.gpu, vram=vram,
+                                     mem_total_bytes=total))
 
     def on_message(self, slot: Slot, msg: dict[str, Any]) -> None:
         """A decoded message from the slot's current incarnation (`ready`, `hb`, `error`)."""
@@ -154,8 +161,10 @@ class SlotLifecycle:
         if kind == "error":
             slot.errors_seen += 1
             slot.error = str(msg.get("message", ""))[:1000]
-            log.error("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
-                      slot.incarnation, slot.error)
+            # The worker logged it itself, with its context: said once, not twice.
+            log.debug("gpu=%d pid=%s inc=%d worker error: %s", slot.gpu, slot.pid,
+                      slot.incarnation, slot.error,
+                      extra=fields("worker-error", **_who(slot), error=slot.error))
             if msg.get("refused") == "set" and slot.overrides_before_set is not None:
                 slot.overrides = slot.overrides_before_set  # a refused change is not kept
                 slot.overrides_before_set = None
@@ -175,7 +184,9 @@ class SlotLifecycle:
             state = msg.get("state")
             if state in LIVE_STATES:
                 reason = msg.get("reason")
-                self.set_state(slot, state, reason if isinstance(reason, str) else None)
+                # The worker logs this change with the readings behind it.
+                self.set_state(slot, state, reason if isinstance(reason, str) else None,
+                               level=logging.DEBUG)
 
     def _catch_up(self, slot: Slot) -> None:
         # `set`/`pause`/`resume` while the worker was starting may not have reached it (it was
@@ -204,7 +215,7 @@ class SlotLifecycle:
         c = self.config
         grace = min(RESUME_GRACE_S, c.hang_timeout_s / 2)
         log.warning("the supervisor did not run for %.1fs: not counted against any worker",
-                    seconds)
+                    seconds, extra=fields("stalled", seconds=round(seconds, 3)))
         for slot in self.slots.values():
             if slot.state == "starting":
                 slot.spawned_at += seconds
@@ -251,7 +262,11 @@ class SlotLifecycle:
         slot.proc = None
         slot.last_exit = procs.describe_exit(code)
         up_for = now - slot.ready_at if slot.ready_at is not None else 0.0
-        log.info("gpu=%d pid=%s inc=%d exited %s", slot.gpu, pid, slot.incarnation, slot.last_exit)
+        log.info("gpu=%d pid=%s inc=%d exited (%s)", slot.gpu, pid or "-", slot.incarnation,
+                 exit_words(slot.last_exit),
+                 extra=fields("exit", gpu=slot.gpu, worker_pid=pid, incarnation=slot.incarnation,
+                              exit_code=slot.last_exit.get("code"),
+                              exit_signal=slot.last_exit.get("signal")))
         slot.clear_runtime()
         op = slot.stop
         if slot.state == "unkillable":
@@ -267,11 +282,12 @@ class SlotLifecycle:
             self._schedule_restart(slot, now, up_for)
             return
         if code == 78:
-            slot.error = slot.error or "worker exited 78 (configuration error)"
-            self.set_state(slot, "fatal", "config")
+            said = None if slot.error else "worker exited 78 (configuration error)"
+            slot.error = slot.error or said
+            self.set_state(slot, "fatal", "config", said=said)
             return
         if slot.state == "starting" and slot.error is None:
-            slot.error = f"worker exited {slot.last_exit} before READY"
+            slot.error = f"worker exited ({exit_words(slot.last_exit)}) before READY"
         self._schedule_restart(slot, now, up_for)
 
     def _schedule_restart(self, slot: Slot, now: float, up_for: float) -> None:
@@ -282,13 +298,15 @@ class SlotLifecycle:
         if delay is None:
             slot.error = (
                 f"gave up after {self.config.max_restarts} restarts within "
-                f"{self.config.restart_window_s:g}s; last exit {slot.last_exit}"
+                f"{self.config.restart_window_s:g}s; last {exit_words(slot.last_exit)}"
             )
-            self.set_state(slot, "fatal", "restart-limit")
+            self.set_state(slot, "fatal", "restart-limit", said=slot.error)
             return
         slot.restarts += 1
         slot.restart_at = now + delay
-        log.info("gpu=%d restart %d in %.2fs", slot.gpu, slot.restarts, delay)
+        log.info("gpu=%d restart %d in %.2fs", slot.gpu, slot.restarts, delay,
+                 extra=fields("restart", gpu=slot.gpu, restarts=slot.restarts,
+                              delay_s=round(delay, 3)))
         self.set_state(slot, "restarting", None)
 
     def tick(self, now: float) -> None:
@@ -324,7 +342,8 @@ class SlotLifecycle:
 
     def _hung(self, slot: Slot, now: float) -> None:
         log.warning("gpu=%d pid=%s inc=%d %s: dumping its stack and replacing it",
-                    slot.gpu, slot.pid, slot.incarnation, slot.error)
+                    slot.gpu, slot.pid or "-", slot.incarnation, slot.error,
+                    extra=fields("hang", **_who(slot), error=slot.error))
         if slot.proc is not None:
             procs.signal_pid(slot.proc.pid, signal.SIGUSR1)
         self.begin_stop(slot, "restart", now)
@@ -334,7 +353,9 @@ class SlotLifecycle:
             return
         if op.kill_deadline is None and now >= op.join_deadline:
             log.warning("gpu=%d pid=%d did not exit within the join timeout: SIGKILL",
-                        slot.gpu, slot.proc.pid)
+                        slot.gpu, slot.proc.pid,
+                        extra=fields("kill", **_who(slot),
+                                     join_timeout_s=self.config.join_timeout_s))
             procs.kill_group(slot.proc.pid)
             op.kill_deadline = now + self.config.kill_timeout_s
             op.outcome = "killed"
@@ -346,7 +367,7 @@ class SlotLifecycle:
             op.outcome = "unkillable"
             op.finished = now
             slot.unkillable_pid = pid
-            self.set_state(slot, "unkillable", state)
+            self.set_state(slot, "unkillable", state, said=slot.error)
 
     def next_deadline(self, now: float) -> float:
         """The earliest moment a slot needs attention (restart, start/hang timeout, escalation)
@@ -390,3 +411,17 @@ class SlotLifecycle:
         for slot in self.slots.values():
             if slot.stop is not None and slot.stop.kill_deadline is None:
                 slot.stop.join_deadline = min(slot.stop.join_deadline, now)
+
+
+def _who(slot: Slot) -> dict[str, Any]:
+    """The fields that say which worker a record is about."""
+    return {"gpu": slot.gpu, "worker_pid": slot.pid, "incarnation": slot.incarnation}
+
+
+def exit_words(last_exit: dict[str, Any] | None) -> str:
+    """`last_exit` in words: "exit code 3", "killed by SIGKILL"."""
+    if not last_exit:
+        return "exit unknown"
+    if last_exit.get("signal"):
+        return f"killed by {last_exit['signal']}"
+    return f"exit code {last_exit.get('code')}"

@@ -15,6 +15,7 @@ from typing import IO, Any
 import zmq
 
 from keepgpu._version import __version__
+from keepgpu.logfmt import fields
 from keepgpu.protocol import keys, wire
 from keepgpu.protocol.control import ProtocolError, error_reply, ok_reply, parse_request
 from keepgpu.protocol.runtime import Paths
@@ -81,6 +82,7 @@ class Supervisor:
         self._sigr = -1
         self._sigw = -1
         self.on_ready: Callable[[Supervisor], None] | None = None
+        self.on_progress: Callable[[Supervisor], None] | None = None  # until ready (--detach)
         self._ready_fired = False
         self.notifier = Notifier()
         self._next_watchdog = clock()
@@ -143,7 +145,8 @@ class Supervisor:
         assert self._curve_own is not None
         allowed, problems = keys.authorized_keys(self._curve_own)
         for problem in problems:
-            log.warning("authorized keys: %s", problem)
+            log.warning("authorized keys: %s", problem,
+                        extra=fields("authorized-keys", problem=problem))
         return allowed
 
     def install_signals(self) -> None:
@@ -160,7 +163,9 @@ class Supervisor:
     def watch_pid(self, pid: int) -> None:
         """Release everything, exactly as on SIGTERM, once process `pid` ends (--exit-with)."""
         self.watch = PidWatch(pid)
-        log.info("exits with pid %d (%s)", pid, "pidfd" if self.watch.fd is not None else "polled")
+        how = "pidfd" if self.watch.fd is not None else "polled"
+        log.info("exits with pid %d (%s)", pid, how, extra=fields("exit-with", watched_pid=pid,
+                                                                   how=how))
         if self.watch.fd is not None:
             self.poller.register(self.watch.fd, zmq.POLLIN)
             self.poller_quiet.register(self.watch.fd, zmq.POLLIN)
@@ -291,10 +296,12 @@ class Supervisor:
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 name = signal.Signals(signum).name
                 if self.shutting_down:
-                    log.warning("received %s again: SIGKILL without waiting for the join", name)
+                    log.warning("received %s again: SIGKILL without waiting for the join", name,
+                                extra=fields("signal", signal=name, again=True))
                     self.life.hurry()
                 else:
-                    log.info("received %s: releasing every GPU", name)
+                    log.info("received %s: releasing every GPU", name,
+                             extra=fields("signal", signal=name, again=False))
                 self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
 
     def _check_watch(self, events: dict[Any, int]) -> None:
@@ -306,7 +313,8 @@ class Supervisor:
             self.poller_quiet.unregister(watch.fd)
         watch.close()
         self.watch = None
-        log.info("watched pid %d ended: releasing every GPU", watch.pid)
+        log.info("watched pid %d ended: releasing every GPU", watch.pid,
+                 extra=fields("watched-ended", watched_pid=watch.pid))
         self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
 
     def _on_zap(self, frames: list[bytes]) -> None:
@@ -317,7 +325,8 @@ class Supervisor:
             address = frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?"
             line = self._refusals.note(address, mech, self.clock())
             if line is not None:
-                log.warning("%s", line)
+                log.warning("%s", line,
+                            extra=fields("peer-refused", peer=address, mechanism=mech))
         self.zap.send_multipart(answer)
 
     def _on_worker(self, frames: list[bytes]) -> None:
@@ -330,7 +339,8 @@ class Supervisor:
             return
         msg = wire.decode(frames[1], wire.WORKER_TYPES)
         if msg is None:
-            log.warning("gpu=%d: malformed worker message ignored", slot.gpu)
+            log.warning("gpu=%d: malformed worker message ignored", slot.gpu,
+                        extra=fields("bad-worker-message", gpu=slot.gpu))
             return
         self.life.on_message(slot, msg)
 
@@ -348,7 +358,7 @@ class Supervisor:
             self._reply(envelope, error_reply(rid, exc.code, exc.message))
             return
         except Exception as exc:  # noqa: BLE001 - client input must never kill the supervisor
-            log.exception("control command failed")
+            log.exception("control command failed", extra=fields("command-failed"))
             self._reply(envelope, error_reply(req_id, "internal", f"{type(exc).__name__}: {exc}"))
             return
         if result is not None:
@@ -395,6 +405,8 @@ class Supervisor:
         """Once every GPU holds or has failed: --detach's parent is told, and systemd."""
         if self._ready_fired:
             return
+        if self.on_progress is not None:
+            self.on_progress(self)
         if all(s.state in LIVE_STATES or s.state in DONE_STATES for s in self.slots.values()):
             self._ready_fired = True
             holding = sum(s.state in LIVE_STATES for s in self.slots.values())
@@ -419,13 +431,13 @@ class Supervisor:
         if self.shutting_down and all(s in DONE_STATES for s in states) and not self.pending:
             outcomes = [s.stop.outcome if s.stop else "released" for s in self.slots.values()]
             clean = all(o == "released" for o in outcomes)
-            log.info("released every GPU in %.2fs", now - min(
-                (s.stop.started for s in self.slots.values() if s.stop), default=now))
+            took = now - min((s.stop.started for s in self.slots.values() if s.stop), default=now)
+            log.info("released every GPU in %.2fs", took,
+                     extra=fields("released", seconds=round(took, 3), clean=clean))
             return 0 if clean else 1
         if states and all(s == "fatal" for s in states) and not self.pending:
-            for slot in self.slots.values():
-                log.error("gpu=%d fatal: %s", slot.gpu, slot.error or slot.reason)
-            log.error("every GPU is fatal; exiting")
+            # Each GPU's failure was logged once when it happened (its state line).
+            log.error("every GPU is fatal; exiting", extra=fields("all-fatal"))
             return 4
         return None
 

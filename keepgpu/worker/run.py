@@ -18,9 +18,10 @@ from typing import Any
 
 import zmq
 
+from keepgpu.logfmt import FORMATS, WORKER_FORMAT_ENV, WORKER_LEVEL_ENV, fields, formatter
 from keepgpu.logsink import NonBlockingHandler
 from keepgpu.protocol import wire
-from keepgpu.protocol.units import UnitError, VramRequest, parse_vram
+from keepgpu.protocol.units import UnitError, VramRequest, format_bytes, parse_vram
 from keepgpu.telemetry.base import GpuSample
 from keepgpu.worker.engines.base import (
     CHUNK_BYTES,
@@ -122,9 +123,13 @@ class KeepLoop:
             held_bytes=self.engine.held_bytes,
             mem_total_bytes=self.identity.mem_total_bytes,
         )
-        log.info("holding %d bytes on %s (%s), mode %s, target %g%%", self.engine.held_bytes,
-                 self.identity.uuid, self.identity.name, self.settings.mode,
-                 self.settings.target_util)
+        log.info("holding %s on %s (%s), mode %s, target %g%%",
+                 format_bytes(self.engine.held_bytes), self.identity.uuid, self.identity.name,
+                 self.settings.mode, self.settings.target_util,
+                 extra=fields("ready", held_bytes=self.engine.held_bytes,
+                              uuid=self.identity.uuid, name=self.identity.name,
+                              mem_total_bytes=self.identity.mem_total_bytes,
+                              mode=self.settings.mode, target_util_pct=self.settings.target_util))
 
     def run(self) -> None:
         now = time.monotonic()
@@ -159,11 +164,12 @@ class KeepLoop:
             sample = self.engine.telemetry().sample([os.getpid()])
         except Exception as exc:  # noqa: BLE001 - a telemetry bug must not stop the keeper
             if not self._telemetry_failed:
-                log.exception("telemetry failed (going on without it): %s", exc)
+                log.exception("telemetry failed (going on without it): %s", exc,
+                              extra=fields("telemetry-failed", error=str(exc)))
             self._telemetry_failed = True
             return None
         if self._telemetry_failed:
-            log.info("telemetry is back")
+            log.info("telemetry is back", extra=fields("telemetry-back"))
         self._telemetry_failed = False
         return sample
 
@@ -175,14 +181,12 @@ class KeepLoop:
             observe(self.sample)
         for note in getattr(self.engine, "take_notices", list)():
             self.send("error", message=note)
-        if self.sample is not None and self.sample.lost:
-            log.error("device %s is lost (%s): exiting for the supervisor to restart",
-                      self.sample.uuid, self.sample.error)
         decision = self.governor.decide(self.sample, now, self.engine.held_bytes,
                                         self.target_bytes(), self.engine.own_duty())
         if (decision.state, decision.reason) != (self.decision.state, self.decision.reason):
-            log.info("%s", describe_change(decision, self.sample, self.engine.held_bytes,
-                                           self.settings))
+            text, extra = describe_change(decision, self.sample, self.engine.held_bytes,
+                                          self.settings)
+            log.info("%s", text, extra=extra)
         self.decision = decision
         target = self.target_bytes()
         self.want_bytes = target if decision.hold_bytes is None else min(target,
@@ -190,8 +194,10 @@ class KeepLoop:
         if self.want_bytes < self.engine.held_bytes:
             before = self.engine.held_bytes
             self.engine.resize(self.want_bytes)
-            log.info("hold shrunk from %d to %d bytes (%s)", before, self.engine.held_bytes,
-                     decision.reason or "--vram")
+            log.info("hold shrunk from %s to %s (%s)", format_bytes(before),
+                     format_bytes(self.engine.held_bytes), decision.reason or "--vram",
+                     extra=fields("hold-shrunk", before_bytes=before,
+                                  held_bytes=self.engine.held_bytes, reason=decision.reason))
 
     def _step_hold(self, now: float) -> None:
         """Grow towards want_bytes by at most GROW_STEP_BYTES (stays responsive); on out of
@@ -203,7 +209,8 @@ class KeepLoop:
         if self.engine.resize(step) < step:
             self._grow_blocked_until = now + GROW_RETRY_S
         elif self.engine.held_bytes >= self.want_bytes:
-            log.debug("hold grown to %d bytes", self.engine.held_bytes)
+            log.debug("hold grown to %s", format_bytes(self.engine.held_bytes),
+                      extra=fields("hold-grown", held_bytes=self.engine.held_bytes))
 
     def heartbeat_fields(self) -> dict[str, Any]:
         """The telemetry part of a heartbeat: the protocol's fields (None = unknown) and ours."""
@@ -265,7 +272,7 @@ class KeepLoop:
         now = time.monotonic()
         if kind == "stop":
             if self.engine.ignores_stop:
-                log.warning("ignoring STOP (test fault)")
+                log.warning("ignoring STOP (test fault)", extra=fields("stop-ignored"))
             else:
                 self.stop_requested = True
                 return
@@ -288,18 +295,20 @@ class KeepLoop:
                 self.target_bytes(parse_vram(changes["vram"]))  # fits this device?
             changed = self.settings.apply(changes)
         except (ConfigurationError, UnitError, ValueError, TypeError) as exc:
-            log.error("set refused: %s", exc)
+            # Logged here, once: the supervisor only records the error message.
+            log.error("set refused: %s", exc, extra=fields("set-refused", error=str(exc)))
             self.send("error", message=f"set refused: {exc}", refused="set")
             return
-        log.info("settings changed: %s", ", ".join(
-            f"{key}={getattr(self.settings, key)}" for key in changed) or "none")
+        values = {key: _plain(getattr(self.settings, key)) for key in changed}
+        log.info("settings changed: %s", ", ".join(f"{k}={v}" for k, v in values.items())
+                 or "none", extra=fields("settings-changed", changed=values))
         self._control(now)
 
     def release(self) -> None:
         """Free the hold and say so (the supervisor then sees a clean exit)."""
         held = self.engine.held_bytes
         self.engine.release()
-        log.info("released %d bytes", held)
+        log.info("released %s", format_bytes(held), extra=fields("released", released_bytes=held))
         self.send("stopped", held_bytes=0)
 
 
@@ -319,24 +328,37 @@ def other_processes(sample: GpuSample | None, own_pids: Collection[int]) -> list
 
 
 def describe_change(decision: Decision, sample: GpuSample | None, held: int,
-                    settings: Settings) -> str:
-    """The one log line for a state/reason change, with the readings that led to it."""
+                    settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The one log line for a state/reason change, with the readings that led to it: (text in
+    human units, structured fields for `extra=`)."""
 
     def show(value: float | None, unit: str) -> str:
         return "-" if value is None else f"{value:.0f}{unit}"
 
     s = sample or GpuSample()
     line = (
-        f"state={decision.state} reason={decision.reason or '-'} "
-        f"util={show(s.util_pct, '%')} own_util={show(s.own_util_pct, '%')} "
-        f"others={show(decision.others_util_pct, '%')} "
-        f"busy_threshold={settings.busy_threshold:g}% temp={show(s.temp_c, 'C')} "
-        f"max_temp={settings.max_temp:g}C power={show(s.power_w, 'W')} "
-        f"pstate={s.pstate or '-'} mem_used_bytes={s.mem_used_bytes} "
-        f"mem_total_bytes={s.mem_total_bytes} held_bytes={held} "
-        f"duty={decision.duty * 100:.0f}%"
+        f"state={decision.state} reason={decision.reason or '-'}: "
+        f"util {show(s.util_pct, '%')} (own {show(s.own_util_pct, '%')}, "
+        f"others {show(decision.others_util_pct, '%')}, busy above "
+        f"{settings.busy_threshold:g}%), {show(s.temp_c, ' °C')} (pause above "
+        f"{settings.max_temp:g} °C), {show(s.power_w, ' W')}, {s.pstate or 'pstate -'}, "
+        f"memory {format_bytes(s.mem_used_bytes)} used of {format_bytes(s.mem_total_bytes)}, "
+        f"holding {format_bytes(held)}, duty {decision.duty * 100:.0f}%"
     )
-    return line + (f" telemetry_error={s.error!r}" if s.error else "")
+    extra = fields(
+        "state", state=decision.state, reason=decision.reason, util_pct=s.util_pct,
+        own_util_pct=s.own_util_pct, others_util_pct=decision.others_util_pct,
+        busy_threshold_pct=settings.busy_threshold, temp_c=s.temp_c,
+        max_temp_c=settings.max_temp, power_w=s.power_w, pstate=s.pstate,
+        mem_used_bytes=s.mem_used_bytes, mem_total_bytes=s.mem_total_bytes, held_bytes=held,
+        duty_pct=round(decision.duty * 100, 2), telemetry_error=s.error,
+    )
+    return line + (f", telemetry error: {s.error}" if s.error else ""), extra
+
+
+def _plain(value: Any) -> Any:
+    """A settings value as json can carry it (a VramRequest becomes its text)."""
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -353,12 +375,16 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     # fd 2 is the supervisor's stderr, possibly a pipe nobody reads: never block on it.
     handler = NonBlockingHandler(2)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s keepgpu-worker[gpu={args.gpu} pid=%(process)d "
-        f"inc={args.incarnation}] %(levelname)s %(message)s"))
+    # The supervisor's --log-format (every line of its stderr has one format).
+    fmt = os.environ.get(WORKER_FORMAT_ENV, "text")
+    handler.setFormatter(formatter(
+        fmt if fmt in FORMATS else "text",
+        f"keepgpu-worker[gpu={args.gpu} pid=%(process)d inc={args.incarnation}]",
+        {"gpu": args.gpu, "incarnation": args.incarnation}))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("KEEPGPU_WORKER_LOG_LEVEL", "INFO").upper())
+    root.setLevel(os.environ.get(WORKER_LEVEL_ENV, "INFO").upper())
+    logging.captureWarnings(True)  # through the handler: raw text would break a json log
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -382,18 +408,21 @@ def main(argv: list[str]) -> int:
         loop.release()
         return 0
     except (ConfigurationError, ValueError) as exc:  # UnitError is a ValueError
-        log.error("%s", exc)
+        # Logged here, once (the supervisor records the message without repeating it).
+        log.error("%s", exc, extra=fields("config-error", error=str(exc), exit_code=78))
         if loop is not None:
             loop.send("error", message=str(exc))
         else:
             sock.send(wire.encode("error", message=str(exc)), zmq.NOBLOCK)
         return 78
     except EngineError as exc:
-        log.error("%s", exc)
+        log.error("%s: exiting for the supervisor to restart", exc,
+                  extra=fields("engine-error", error=str(exc), exit_code=1))
         sock.send(wire.encode("error", message=str(exc)), zmq.NOBLOCK)
         return 1
     except Exception as exc:  # an unforeseen device error: still last words, no silent exit
-        log.exception("worker failed: %s", exc)
+        log.exception("worker failed: %s", exc,
+                      extra=fields("worker-failed", error=str(exc), exit_code=1))
         sock.send(wire.encode("error", message=f"worker failed: {exc}"), zmq.NOBLOCK)
         return 1
     finally:

@@ -176,9 +176,9 @@ def test_lost_gpu_exits_1_is_restarted_then_fatal(start_sup: Callable[..., Sup])
                     env={"KEEPGPU_FAKE_TELEMETRY": "lost:after=0.5"})
     assert sup.proc.wait(15) == 4  # every GPU fatal: the supervisor gives up
     log = sup.log()
-    assert log.count("exited {'code': 1}") == 2  # lost, restarted once, lost again
+    assert log.count("exited (exit code 1)") == 2  # lost, restarted once, lost again
     assert "state=fatal reason=restart-limit" in log
-    lost = worker_lines(sup, "is lost")
+    lost = worker_lines(sup, "lost")
     assert len(lost) == 2 and "exiting for the supervisor to restart" in lost[0]
 
 

@@ -172,12 +172,18 @@ def test_lost_device_ends_the_loop_with_an_engine_error() -> None:
 
 
 def test_state_change_log_line_names_the_readings() -> None:
-    line = describe_change(Decision("backoff", "busy", 0.0, None, 85.0), None, GiB, Settings())
-    assert line.startswith("state=backoff reason=busy ")
-    assert "others=85%" in line and "util=-" in line and f"held_bytes={GiB}" in line
+    line, extra = describe_change(Decision("backoff", "busy", 0.0, None, 85.0), None, GiB,
+                                  Settings())
+    assert line.startswith("state=backoff reason=busy: ")
+    assert "others 85%" in line and "util -" in line and "holding 1.0GiB" in line
+    rec = extra["keepgpu_fields"]
+    assert rec["event"] == "state" and rec["held_bytes"] == GiB and rec["util_pct"] is None
     sample = GpuSample(util_pct=100.0, own_util_pct=0.0, mem_used_bytes=2 * GiB,
                        mem_total_bytes=80 * GiB, temp_c=55.0, power_w=250.0, pstate="P0")
-    line = describe_change(Decision("holding", None, 0.3), sample, GiB, Settings())
-    for part in ("util=100%", "own_util=0%", "temp=55C", "power=250W", "pstate=P0",
-                 f"mem_used_bytes={2 * GiB}", f"mem_total_bytes={80 * GiB}", "duty=30%"):
+    line, extra = describe_change(Decision("holding", None, 0.3), sample, GiB, Settings())
+    for part in ("util 100%", "own 0%", "55 °C", "250 W", "P0",
+                 "memory 2.0GiB used of 80.0GiB", "duty 30%"):
         assert part in line, part
+    assert str(GiB) not in line, "sizes in human units, not bytes"
+    rec = extra["keepgpu_fields"]
+    assert (rec["temp_c"], rec["power_w"], rec["mem_total_bytes"]) == (55.0, 250.0, 80 * GiB)

@@ -77,7 +77,7 @@ def test_a_full_pipe_drops_and_counts_lines_then_reports_them(
     assert handler.dropped == 100
     _drain(r)
     handler.emit(_record("back"))
-    assert _drain(r) == b"keepgpu: 100 log line(s) dropped: the log stream was full\nback\n"
+    assert _drain(r) == b"100 log line(s) dropped: the log stream was full\nback\n"
     assert handler.dropped == 0
     handler.close()
 
