@@ -23,6 +23,8 @@ from keepgpu.cli.common import (
     fail,
     run_standalone,
 )
+from keepgpu.cli.gpus import gpus_command
+from keepgpu.cli.metrics import metrics_command
 from keepgpu.cli.table import render_status, render_stop
 from keepgpu.client import Client, CommandFailed, NoSupervisor, endpoint_for
 from keepgpu.protocol.control import MODES
@@ -244,6 +246,10 @@ def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
             fail(EXIT_NO_SUPERVISOR if result is None else EXIT_FAILED,
                  f"{what} after {wait_timeout:g}s")
         time.sleep(0.1)
+
+
+cli.add_command(gpus_command)
+cli.add_command(metrics_command)
 
 
 def main() -> None:
