@@ -144,7 +144,7 @@ def registry_for(collector: KeeperCollector) -> CollectorRegistry:
 
 
 def exposition(collector: KeeperCollector) -> bytes:
-    """The text exposition (format 0.0.4) of one scrape."""
+    """The Prometheus text exposition of one scrape (CONTENT_TYPE_LATEST)."""
     return generate_latest(registry_for(collector))
 
 
