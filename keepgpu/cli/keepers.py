@@ -15,6 +15,7 @@ import glob
 import os
 import pwd
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,17 @@ def discover(all_users: bool | None = None) -> list[Keeper]:
     return out
 
 
+def _ask(keeper: Keeper, client: Client) -> Polled:
+    try:
+        return Polled(keeper, client.call("status"))
+    except (NoSupervisor, CommandFailed) as exc:
+        return Polled(keeper, None, str(exc))
+
+
 class Poller:
     """Asks keepers for `status`, keeping one client per endpoint between polls (one connection
-    and one ZAP check per keeper, not per scrape). Not thread-safe: serialise calls."""
+    and one ZAP check per keeper, not per scrape); keepers are asked in parallel, from a
+    short-lived thread pool. Not thread-safe itself: serialise calls to `poll`."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -150,16 +159,18 @@ class Poller:
         wanted = {k.endpoint for k in keepers}
         for ep in [e for e in self._clients if e not in wanted]:
             self._clients.pop(ep).close()  # that keeper is gone
-        out = []
+        clients = []
         for keeper in keepers:
             client = self._clients.get(keeper.endpoint)
             if client is None:
                 client = self._clients[keeper.endpoint] = Client(keeper.endpoint, self.timeout)
-            try:
-                out.append(Polled(keeper, client.call("status")))
-            except (NoSupervisor, CommandFailed) as exc:
-                out.append(Polled(keeper, None, str(exc)))
-        return out
+            clients.append(client)
+        if len(keepers) <= 1:
+            return [_ask(k, c) for k, c in zip(keepers, clients, strict=True)]
+        # All at once: a scrape then takes as long as the slowest keeper, not their sum. Each
+        # client is used by one thread at a time (the pool hands it over with a barrier).
+        with ThreadPoolExecutor(max_workers=min(16, len(keepers))) as pool:
+            return list(pool.map(_ask, keepers, clients))
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -22,9 +22,6 @@ from prometheus_client.metrics_core import Metric
 
 from keepgpu.cli.keepers import Keeper, Polled, Poller, discover
 
-#: Slot states of docs/protocol.md; a state outside this list still gets its series.
-STATES = ("starting", "holding", "backoff", "restarting", "stopping", "stopped", "fatal",
-          "unkillable")
 KEEPER_LABELS = ["Hostname", "user", "name"]
 GPU_LABELS = ["gpu", "UUID", "Hostname", "name", "user"]
 
@@ -82,7 +79,9 @@ def _keeper_families(polled: list[Polled], host: str) -> list[Metric]:
 def _gpu_families(polled: list[Polled], host: str) -> list[Metric]:
     gauges = {field: (GaugeMetricFamily(name, text, labels=GPU_LABELS), scale)
               for name, text, field, scale in _GPU_GAUGES}
-    state = GaugeMetricFamily("keepgpu_gpu_state", "1 for the slot's current state, else 0",
+    # One series per GPU, for its current state: Prometheus marks the previous state's series
+    # stale at the next scrape, and a series per possible state would double the scrape.
+    state = GaugeMetricFamily("keepgpu_gpu_state", "1, labelled with the slot's current state",
                               labels=[*GPU_LABELS, "state"])
     gpu_info = GaugeMetricFamily("keepgpu_gpu_info", "Device model, entry and worker pid",
                                  labels=[*GPU_LABELS, "modelName", "device_entry", "pid",
@@ -93,9 +92,7 @@ def _gpu_families(polled: list[Polled], host: str) -> list[Metric]:
         for g in (p.status or {}).get("gpus") or []:
             labels = [str(g.get("gpu")), str(g.get("uuid") or ""), host, p.keeper.name,
                       p.keeper.user]
-            current = str(g.get("state"))
-            for s in (*STATES, current) if current not in STATES else STATES:
-                state.add_metric([*labels, s], 1.0 if s == current else 0.0)
+            state.add_metric([*labels, str(g.get("state"))], 1.0)
             gpu_info.add_metric([*labels, str(g.get("name") or ""),
                                  str(g.get("device_entry") or ""), str(g.get("pid") or ""),
                                  str(g.get("reason") or "")], 1.0)
