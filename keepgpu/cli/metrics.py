@@ -13,14 +13,18 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from keepgpu.cli.keepers import Keeper, Polled, Poller, discover
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+# prometheus_client is imported where it is used, not here: keepgpu-ctl imports this module
+# for every command, and only `metrics` needs it (~20 ms of imports).
 
 KEEPER_LABELS = ["Hostname", "user", "name"]
 GPU_LABELS = ["gpu", "UUID", "Hostname", "name", "user"]
@@ -55,6 +59,8 @@ def _number(value: Any) -> float | None:
 
 
 def _keeper_families(polled: list[Polled], host: str) -> list[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
     up = GaugeMetricFamily("keepgpu_keeper_up", "1 when the keeper answered status",
                            labels=KEEPER_LABELS)
     info = GaugeMetricFamily("keepgpu_keeper_info", "The keeper's version, engine and pid",
@@ -77,6 +83,8 @@ def _keeper_families(polled: list[Polled], host: str) -> list[Metric]:
 
 
 def _gpu_families(polled: list[Polled], host: str) -> list[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     gauges = {field: (GaugeMetricFamily(name, text, labels=GPU_LABELS), scale)
               for name, text, field, scale in _GPU_GAUGES}
     # One series per GPU, for its current state: Prometheus marks the previous state's series
@@ -135,6 +143,8 @@ class KeeperCollector:
 
 def registry_for(collector: KeeperCollector) -> CollectorRegistry:
     """A registry holding only `collector` (no process or platform metrics of our own)."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
@@ -142,6 +152,8 @@ def registry_for(collector: KeeperCollector) -> CollectorRegistry:
 
 def exposition(collector: KeeperCollector) -> bytes:
     """The Prometheus text exposition of one scrape (CONTENT_TYPE_LATEST)."""
+    from prometheus_client import generate_latest
+
     return generate_latest(registry_for(collector))
 
 
