@@ -95,7 +95,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 @click.option("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to serve /metrics on")
 @click.option("--timeout", type=click.FloatRange(0.01, 60), default=1.0,
               help="seconds each keeper gets to answer a scrape")
-@click.option("-v", "--verbose", count=True, help="more log lines (-vv: every request)")
+@click.option("-v", "--verbose", count=True, help="more log lines (-v: every request)")
 @click.version_option(__version__, prog_name="keepgpu-exporter")
 def cli(listen: str, timeout: float, verbose: int) -> int:
     """Serve Prometheus metrics of this user's keepers (as root: every user's)."""

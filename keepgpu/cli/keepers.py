@@ -15,6 +15,7 @@ import glob
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,15 @@ def _dir_owner(path: Path) -> int | None:
     return st.st_uid
 
 
+def _owned(path: Path, uid: int, kind: Callable[[int], bool]) -> bool:
+    """`path` is (not a symlink to) a file of that kind owned by `uid`."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return kind(st.st_mode) and st.st_uid == uid
+
+
 def keepers_in(path: Path) -> list[Keeper]:
     """The live keepers with a control socket in runtime dir `path`, by name."""
     uid = _dir_owner(path)
@@ -120,6 +130,11 @@ def keepers_in(path: Path) -> list[Keeper]:
         except RuntimeDirError:
             continue
         if len(os.fsencode(str(sock))) > MAX_IPC_PATH:
+            continue
+        # As root these files belong to another user: take only their own socket and pid file,
+        # never a symlink that would make root read or ask something else in their name.
+        if not (_owned(sock, uid, stat.S_ISSOCK) and _owned(path / f"{name}.pid", uid,
+                                                            stat.S_ISREG)):
             continue
         pid = _read_pid(path / f"{name}.pid")
         if pid is None or not _pid_alive(pid):

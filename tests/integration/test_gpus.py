@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -97,21 +98,29 @@ def test_nvidia_devices_with_processes_and_users(monkeypatch: pytest.MonkeyPatch
     assert f"pid {OTHER_PID}  ?  8.0GiB" in text.output
 
 
+def _socket_file(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
 def test_root_finds_every_users_keepers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """As root, a runtime dir of another uid counts for that uid; a dead pid or a dir open to
     others is not a keeper."""
     theirs = tmp_path / "keepgpu-4242"
     theirs.mkdir(mode=0o700)
-    (theirs / "job.ctl").touch()
-    (theirs / "job.pid").write_text(f"{os.getpid()}\n")  # a live pid
-    (theirs / "dead.ctl").touch()
-    (theirs / "dead.pid").write_text("4200000\n")
-    os.chown(theirs, 4242, 4242)
+    for name, pid in (("job", os.getpid()), ("dead", 4200000), ("planted", os.getpid())):
+        _socket_file(theirs / f"{name}.ctl")
+        (theirs / f"{name}.pid").write_text(f"{pid}\n")
+    (theirs / "link.ctl").symlink_to(theirs / "job.ctl")  # a symlink is never followed
+    (theirs / "link.pid").write_text(f"{os.getpid()}\n")
+    for path in [theirs, *theirs.iterdir()]:
+        os.lchown(path, 4242, 4242)
+    os.chown(theirs / "planted.ctl", 0, 0)  # not that user's own socket
     open_dir = tmp_path / "keepgpu-4343"
     open_dir.mkdir()
     os.chmod(open_dir, 0o755)
-    (open_dir / "x.ctl").touch()
+    _socket_file(open_dir / "x.ctl")
     (open_dir / "x.pid").write_text(f"{os.getpid()}\n")
     monkeypatch.setattr(keepers, "ROOT_PATTERNS", (str(tmp_path / "keepgpu-*"),))
     mine = tmp_path / "mine"

@@ -86,7 +86,8 @@ def test_stale_socket_is_skipped_and_a_frozen_keeper_is_down(
         start_sup: Any, base_env: dict[str, str], runtime_dir: Path) -> None:
     """A socket file of a dead supervisor is not a keeper; a keeper that does not answer is
     `keepgpu_keeper_up 0` after --timeout, and the scrape still ends."""
-    (runtime_dir / "ghost.ctl").touch()
+    with socket.socket(socket.AF_UNIX) as ghost:  # a socket file nobody listens on any more
+        ghost.bind(str(runtime_dir / "ghost.ctl"))
     (runtime_dir / "ghost.pid").write_text("4200000\n")  # above PID_MAX_LIMIT: never alive
     sup = start_sup("--gpus", "0", "--vram", "64MiB", env={"KEEPGPU_FAKE_GPUS": "1"})
     sup.wait_states("holding")
