@@ -179,3 +179,15 @@ def test_exporter_bad_listen_is_usage_error(base_env: dict[str, str], listen: st
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1
     assert "is not HOST:PORT" in out.stderr
+
+
+def test_prometheus_client_stays_out_of_the_supervisor_and_other_commands(
+        base_env: dict[str, str]) -> None:
+    """Metrics are made by their own front ends only: neither the supervisor's modules nor
+    keepgpu-ctl's other commands load prometheus_client."""
+    code = ("import sys, keepgpu.cli.supervise, keepgpu.supervisor.loop, keepgpu.cli.ctl;"
+            "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))")
+    out = subprocess.run([sys.executable, "-c", code], env=base_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
