@@ -20,7 +20,7 @@ from typing import Any
 import render_plots as plots
 
 BENCH = Path(__file__).resolve().parent
-CPU_BENCHES = ("cpu_start", "cpu_restart", "cpu_stop", "cpu_idle", "cpu_rtt")
+CPU_BENCHES = ("cpu_start", "cpu_restart", "cpu_stop", "cpu_idle", "cpu_rtt", "cpu_metrics")
 GPU_BENCHES = ("gpu_signal", "gpu_release", "gpu_start", "gpu_interference")
 
 Run = dict[str, Any]
@@ -163,6 +163,29 @@ def t_cpu_rtt(run: Run) -> str:
     return table(["way", "calls", "p50 ms", "p99 ms", "max ms"], rows) + extra
 
 
+def t_cpu_metrics(run: Run) -> str:
+    rows = []
+    for t in run["tools"]:
+        idle, watched = m_(t, "supervisor_cpu_pct_idle") or [], m_(t, "supervisor_cpu_pct_watched")
+        extra = m_(t, "supervisor_cpu_pct_extra") or []
+        for i, (a, b, c) in enumerate(zip(idle, watched or [], extra, strict=False)):
+            rows.append([f"{t['label']}: keeper {i}", a, b, c])
+    out = table(["supervisor", "CPU idle, % of a core", "CPU watched, % of a core",
+                 "extra, % of a core"], rows)
+    lat = []
+    for t in run["tools"]:
+        for key, name in (("metrics_scrape_ms", "metrics scrape (collector + exposition), ms"),
+                          ("top_status_poll_ms", "top's poll (status of every keeper), ms"),
+                          ("cli_metrics_process_s", "`keepgpu-ctl metrics` process, s")):
+            s = m_(t, key) or {}
+            lat.append([f"{t['label']}: {name}", s.get("n"), s.get("p50"), s.get("p99"),
+                        s.get("max")])
+    t0 = run["tools"][0] if run["tools"] else {}
+    return out + "\n\n" + table(["what", "n", "p50", "p99", "max"], lat) + (
+        f"\n\nexposition: {m_(t0, 'exposition_bytes')} bytes; keepers answering the CLI: "
+        f"{m_(t0, 'cli_metrics_keepers_seen')}")
+
+
 # ---- GPU tables -------------------------------------------------------------------------------
 
 
@@ -240,14 +263,17 @@ def t_gpu_interference(run: Run) -> str:
 
 TABLES: dict[str, Callable[[Run], str]] = {
     "cpu_start": t_cpu_start, "cpu_restart": t_cpu_restart, "cpu_stop": t_cpu_stop,
-    "cpu_idle": t_cpu_idle, "cpu_rtt": t_cpu_rtt, "gpu_signal": t_gpu_signal,
+    "cpu_idle": t_cpu_idle, "cpu_rtt": t_cpu_rtt, "cpu_metrics": t_cpu_metrics,
+    "gpu_signal": t_gpu_signal,
     "gpu_release": t_gpu_release, "gpu_start": t_gpu_start,
     "gpu_interference": t_gpu_interference,
 }
 TITLES = {
     "cpu_start": "Start to all holding", "cpu_restart": "Crash and hang recovery",
     "cpu_stop": "Stop to exit", "cpu_idle": "Supervisor CPU and RSS over 60 s",
-    "cpu_rtt": "Control round trip (`status`)", "gpu_signal": "Signal seen by monitors (NVML)",
+    "cpu_rtt": "Control round trip (`status`)",
+    "cpu_metrics": "Cost of watching: `metrics` and `top` against 8 keepers x 8 GPUs",
+    "gpu_signal": "Signal seen by monitors (NVML)",
     "gpu_release": "Release: stop to memory free (NVML)",
     "gpu_start": "Start to holding and host RSS", "gpu_interference": "Interference",
 }

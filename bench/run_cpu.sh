@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every CPU-level benchmark (keepgpu's fake engine; any Linux machine, no GPU), then render
 # RESULTS.md and the plots.
-#   bench/run_cpu.sh [OUT_DIR]        (default: bench/results; about 8 minutes on 2 cores)
+#   bench/run_cpu.sh [OUT_DIR]        (default: bench/results; about 11 minutes on 2 cores)
 # Each benchmark waits (at most 2 minutes) for the machine to be quiet before it starts.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -9,7 +9,7 @@ out=${1:-$here/results}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 failed=()
-for bench in cpu_start cpu_restart cpu_stop cpu_idle cpu_rtt; do
+for bench in cpu_start cpu_restart cpu_stop cpu_idle cpu_rtt cpu_metrics; do
     echo "== $bench" >&2
     "$py" "$here/$bench.py" --out "$out" || failed+=("$bench")
 done

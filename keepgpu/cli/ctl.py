@@ -32,6 +32,8 @@ from keepgpu.cli.common import (
     run_standalone,
 )
 from keepgpu.cli.explain import explain
+from keepgpu.cli.gpus import gpus_command
+from keepgpu.cli.metrics import metrics_command
 from keepgpu.cli.table import COLUMNS_HELP, render_status, render_stop
 from keepgpu.cli.top import top
 from keepgpu.client import BadEndpoint, Client, CommandFailed, NoSupervisor, endpoint_for
@@ -290,6 +292,8 @@ def wait(obj: Ctx, ready: bool, wait_timeout: float) -> int:
 
 cli.add_command(explain)
 cli.add_command(top)
+cli.add_command(gpus_command)
+cli.add_command(metrics_command)
 
 
 def main() -> None:
