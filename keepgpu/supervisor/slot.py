@@ -1,7 +1,8 @@
 """Per-GPU slot: the state of one worker as the supervisor sees it.
 
 States: starting -> holding <-> backoff -> stopping -> stopped, plus restarting (waiting out a
-restart delay) and the terminal fatal / unkillable. The event loop drives transitions; this
+restart delay), yielded (worker stopped, memory lent to watched pids until they end: `yield`) and
+the terminal fatal / unkillable. The event loop drives transitions; this
 module keeps the record and renders it for `status`.
 """
 
@@ -77,6 +78,8 @@ class Slot:
     # A control change came while starting: repeat it once the worker is READY.
     changed_while_starting: bool = False
     unkillable_pid: int | None = None
+    # Pids this GPU is yielded to (`yield`): it holds again once every one has ended.
+    yielded_to: set[int] = field(default_factory=set)
 
     @property
     def pid(self) -> int | None:
@@ -110,4 +113,5 @@ class Slot:
         for key in TELEMETRY_FIELDS:
             out[key] = self.telemetry.get(key)
         out["error"] = self.error
+        out["yielded_to"] = sorted(self.yielded_to)
         return out
