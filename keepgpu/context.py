@@ -85,8 +85,9 @@ def hold(
     """Hold `gpus` (like `--gpus`) with `vram` each while the block runs; yields a Client.
 
     Other keyword arguments are `keepgpu-supervise` options (`engine="fake"`, `mode="pstate"`,
-    `target_util=20`, `max_hold="8h"`, `log_file="keeper.log"`...). Raises HoldError when the keeper cannot
-    start or some GPU does not hold within `start_timeout` seconds.
+    `target_util=20`, `max_hold="8h"`: the keeper ends by itself after 8 h, `log_file=...`).
+    Raises HoldError when the keeper cannot start or some GPU does not hold within
+    `start_timeout` seconds.
     """
     if options.get("detach"):
         raise ValueError("hold() runs its keeper as a child; detach is not an option here")

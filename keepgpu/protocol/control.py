@@ -227,12 +227,17 @@ def _validate(obj: dict[str, Any], req_id: Any) -> Request:
             clean[name] = check(args[name])
         elif required:
             raise ProtocolError("invalid_argument", f"{cmd}: missing argument {name!r}")
-    if cmd == "set" and not set(args) - {"gpus"}:
+    if cmd == "set":
+        _check_set(args)
+    return Request(cmd=cmd, args=clean, id=req_id)
+
+
+def _check_set(args: dict[str, Any]) -> None:
+    if not set(args) - {"gpus"}:
         raise ProtocolError("invalid_argument", "set: give at least one setting to change")
-    if cmd == "set" and "max_hold" in args and "gpus" in args:
+    if "max_hold" in args and "gpus" in args:
         raise ProtocolError("invalid_argument",
                             "set: max_hold is for the whole supervisor; do not name gpus")
-    return Request(cmd=cmd, args=clean, id=req_id)
 
 
 def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: Any = None) -> bytes:

@@ -60,6 +60,11 @@ class Command:
         return self.proc is not None and self.code is None
 
     @property
+    def pid(self) -> int | None:
+        """CMD's pid while it runs."""
+        return self.proc.pid if self.proc is not None and self.code is None else None
+
+    @property
     def started(self) -> bool:
         return self.proc is not None or self.code is not None
 

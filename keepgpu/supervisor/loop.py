@@ -528,8 +528,7 @@ class Supervisor:
             "endpoint": self.endpoint,
             "config": self.config.public(),
             "hold_left_s": self._hold_left(now),
-            "command_pid": self.command.proc.pid if self.command and self.command.running
-            else None,
+            "command_pid": self.command.pid if self.command else None,
         }
 
 
