@@ -312,6 +312,8 @@ def yield_(obj: Ctx, gpus: str | None, command: tuple[str, ...]) -> int:
         bound = obj.client.yield_bound()
     except NoSupervisor as exc:
         fail(EXIT_NO_SUPERVISOR, f"no supervisor answering: {exc}; {command[0]} not run")
+    except BadEndpoint as exc:
+        fail(EXIT_USAGE, str(exc))
     except CommandFailed as exc:
         fail(EXIT_FAILED, exc.message)
     read_fd, write_fd = os.pipe()
