@@ -9,7 +9,7 @@ out=${1:-$here/results}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 failed=()
-for bench in cpu_start cpu_restart cpu_stop cpu_idle cpu_rtt cpu_metrics; do
+for bench in cpu_start cpu_restart cpu_stop cpu_idle cpu_rtt cpu_metrics cpu_yield; do
     echo "== $bench" >&2
     "$py" "$here/$bench.py" --out "$out" || failed+=("$bench")
 done

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 from keepgpu._version import __version__
 
 if TYPE_CHECKING:
-    from keepgpu.context import HoldError, hold
+    from keepgpu.context import HoldError, hold, yielded
 
-__all__ = ["HoldError", "__version__", "hold"]
+__all__ = ["HoldError", "__version__", "hold", "yielded"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing keepgpu must not pull in pyzmq or subprocess machinery.
-    if name in ("hold", "HoldError"):
+    if name in ("hold", "HoldError", "yielded"):
         from keepgpu import context
 
         return getattr(context, name)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +210,42 @@ class Client:
             raise CommandFailed(str(err.get("code")), str(err.get("message")))
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
+
+    def yield_bound(self) -> float:
+        """Seconds a `yield` (or `stop`) reply may take: the keeper's join + kill timeouts
+        plus this client's timeout."""
+        cfg = self.call("status").get("supervisor", {}).get("config", {})
+        return float(cfg.get("join_timeout_s", 5)) + float(cfg.get("kill_timeout_s", 5)) \
+            + self.timeout
+
+    @contextmanager
+    def yielded(self, gpus: list[int | str] | None = None) -> Iterator[dict[str, Any]]:
+        """Free `gpus` (all when None) for the block: protocol `yield`, keyed to a small token
+        process of ours that the keeper watches. Entering returns once the workers have exited
+        (their memory is free) with the `yield` result; leaving ends the token, and the keeper
+        holds again. Should this process die, the token sees its pipe close and ends too.
+        Raises NoSupervisor, CommandFailed (also when some GPU's worker is unkillable)."""
+        token = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", "import sys; sys.stdin.buffer.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        try:
+            args: dict[str, Any] = {"pid": token.pid}
+            if gpus is not None:
+                args["gpus"] = list(gpus)
+            result = self.call("yield", args, timeout=self.yield_bound())
+            stuck = [g["gpu"] for g in result.get("gpus", []) if g.get("outcome") == "unkillable"]
+            if stuck:
+                raise CommandFailed("conflict", f"GPU(s) {stuck}: worker unkillable, memory "
+                                    "may still be held")
+            yield result
+        finally:
+            assert token.stdin is not None
+            token.stdin.close()
+            try:
+                token.wait(5)
+            except subprocess.TimeoutExpired:
+                token.kill()
+                token.wait(5)
 
     def _wait(self, sock: zmq.Socket[bytes], timeout_ms: int) -> bool:
         """Whether a reply is readable within `timeout_ms`; raises AuthFailed as soon as the

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from keepgpu.client import Client, CommandFailed, NoSupervisor
+from keepgpu.client import Client, CommandFailed, NoSupervisor, endpoint_for
 from keepgpu.protocol import defaults as d
 from keepgpu.protocol.runtime import RuntimeDirError, default_runtime_dir, ensure_dir, paths_for
 
@@ -84,8 +84,9 @@ def hold(
     """Hold `gpus` (like `--gpus`) with `vram` each while the block runs; yields a Client.
 
     Other keyword arguments are `keepgpu-supervise` options (`engine="fake"`, `mode="pstate"`,
-    `target_util=20`, `log_file="keeper.log"`...). Raises HoldError when the keeper cannot
-    start or some GPU does not hold within `start_timeout` seconds.
+    `target_util=20`, `max_hold="8h"`: the keeper ends by itself after 8 h, `log_file=...`).
+    Raises HoldError when the keeper cannot start or some GPU does not hold within
+    `start_timeout` seconds.
     """
     if options.get("detach"):
         raise ValueError("hold() runs its keeper as a child; detach is not an option here")
@@ -249,3 +250,25 @@ def _message(line: str) -> str:
             return str(record["msg"])
     match = _TEXT_RE.match(line)
     return str(match.group(1)) if match else line
+
+
+@contextmanager
+def yielded(
+    gpus: str | list[int | str] | None = None,
+    *,
+    name: str = "default",
+    endpoint: str | None = None,
+    timeout: float = 5.0,
+) -> Iterator[dict[str, Any]]:
+    """Free the GPUs of a running keeper (`keepgpu-supervise --name NAME`, or `endpoint`) for
+    the block, as `keepgpu-ctl yield` does for a command; they are held again when the block
+    ends or this process dies. `gpus`: "0,1", a list of ordinals/UUIDs, or None for all.
+    Raises keepgpu.client.NoSupervisor (no keeper answering) or CommandFailed."""
+    refs: list[int | str] | None = None
+    if isinstance(gpus, str):
+        refs = [int(t) if t.strip().isdigit() else t.strip() for t in gpus.split(",")]
+    elif gpus is not None:
+        refs = list(gpus)
+    with Client(endpoint or endpoint_for(name), timeout) as client, \
+            client.yielded(refs) as result:
+        yield result

@@ -8,6 +8,7 @@
 KEEPGPU_BIN=""                              # folder holding keepgpu-supervise and keepgpu-ctl
 KEEPGPU_SLURM_RUNTIME_DIR="/tmp/keepgpu-%u" # %u = the job user's uid; keepgpu's own fallback dir
 KEEPGPU_SUPERVISE_ARGS=""                   # extra keepgpu-supervise options for every keeper
+KEEPGPU_MAX_HOLD=""                         # site default --max-hold (90m, 8h); empty: none
 KEEPGPU_PROLOG_KEEP=0                       # 0 off, 1 every GPU job, comment: --comment=keepgpu
 KEEPGPU_START_TIMEOUT=60                    # s, Prolog's bound on starting a keeper
 KEEPGPU_STOP_TIMEOUT=12                     # s, bound on one polite `keepgpu-ctl stop`

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 command failed / refused during the handshake (uid or CURVE key) / some GPU
 not released cleanly; 2 usage; 3 no supervisor
-answering; 4 every GPU fatal (wait --ready).
+answering; 4 every GPU fatal (wait --ready). `yield -- CMD`: CMD's exit code (128+N after signal
+N, 127 not found, 126 not executable).
 
 Environment: the one rule of every keepgpu CLI, `KEEPGPU_<OPTION>`: KEEPGPU_NAME (shared with
 keepgpu-supervise --name), KEEPGPU_CONTROL (keepgpu-supervise's --control: our --endpoint),
@@ -13,6 +14,11 @@ options (--gpus...) are not read from KEEPGPU_*: a job's KEEPGPU_GPUS=0 must not
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -41,7 +47,8 @@ from keepgpu.protocol.control import MAX_SECONDS, MODES
 from keepgpu.protocol.endpoint import EndpointError
 from keepgpu.protocol.endpoint import parse as parse_endpoint
 from keepgpu.protocol.runtime import RuntimeDirError
-from keepgpu.protocol.units import UnitError, parse_vram
+from keepgpu.protocol.units import UnitError, parse_duration, parse_vram
+from keepgpu.supervisor.command import EXIT_NOT_FOUND, exit_code, terminal_sent
 
 
 class Ctx:
@@ -236,14 +243,26 @@ def _applied(verb: str, result: dict[str, Any]) -> str:
 @click.option("--busy-threshold", type=FiniteRange(-1, 100), default=None)
 @click.option("--max-temp", type=FiniteRange(1, 150), default=None)
 @click.option("--on-pressure", type=click.Choice(["yield", "hold"]), default=None)
+@click.option("--max-hold", default=None, metavar="DURATION|off",
+              help="the keeper releases everything and exits DURATION from now; off: never")
 @json_option
 @click.pass_obj
-def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
+def set_(obj: Ctx, /, gpus: str | None, as_json: bool, max_hold: str | None,
+         **changes: Any) -> int:
     """Change settings of running workers without restarting them (kept for their restarts).
     Naming a stopped or fatal GPU fails (exit 1); --vram is refused above the GPU's memory and,
-    as a size, while its first start has not reported that yet."""
+    as a size, while its first start has not reported that yet. --max-hold is the whole
+    keeper's (not with --gpus)."""
     obj.as_json = as_json
     args = _args(**changes)
+    if max_hold is not None:
+        if gpus is not None:
+            raise click.UsageError("--max-hold is for the whole keeper: do not give --gpus")
+        try:
+            off = max_hold.strip().lower() in ("off", "none")
+            args["max_hold"] = None if off else parse_duration(max_hold, MAX_SECONDS)
+        except UnitError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-hold") from None
     if "vram" in args:
         try:
             parse_vram(args["vram"])
@@ -251,9 +270,88 @@ def set_(obj: Ctx, /, gpus: str | None, as_json: bool, **changes: Any) -> int:
             raise click.BadParameter(str(exc), param_hint="--vram") from None
     if not args:
         raise click.UsageError("give at least one setting to change")
-    result = obj.call("set", _args(gpus=_gpus(gpus), **args))
-    obj.show(result, _applied("updated", result))
+    result = obj.call("set", {**_args(gpus=_gpus(gpus)), **args})
+    text = _applied("updated", result)
+    if "max_hold" in args:
+        left = result.get("hold_left_s")
+        text = "\n".join(filter(None, [text, "max hold: none" if left is None
+                                        else f"max hold: releases in {left:g}s"]))
+    obj.show(result, text)
     return 0
+
+
+# Runs as CMD's pid before CMD: waits for "g" on fd argv[1] (the yield is acknowledged and the
+# memory free), then execs CMD. EOF instead (keepgpu-ctl failed or died): CMD never runs.
+_LAUNCH = """
+import os, sys
+fd = int(sys.argv[1])
+try:
+    go = os.read(fd, 1)
+except OSError:
+    go = b""
+if go != b"g":
+    os._exit(1)
+os.close(fd)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"keepgpu-ctl: error: {sys.argv[2]}: {exc.strerror}\\n")
+    os._exit(127 if isinstance(exc, (FileNotFoundError, NotADirectoryError)) else 126)
+"""
+
+
+@cli.command(name="yield", context_settings={"allow_interspersed_args": False})
+@gpus_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED,
+                metavar="-- CMD [ARGS]...")
+@click.pass_obj
+def yield_(obj: Ctx, gpus: str | None, command: tuple[str, ...]) -> int:
+    """Free the GPUs (all, or --gpus) for CMD: the keeper stops their workers, CMD starts once
+    their memory is free, and the keeper holds them again when CMD ends (it watches CMD's pid
+    itself: a killed CMD or keepgpu-ctl changes nothing). Exits with CMD's exit code; 3 and
+    CMD not run when no keeper answers."""
+    refs = _gpus(gpus)
+    if shutil.which(command[0]) is None:
+        fail(EXIT_NOT_FOUND, f"{command[0]}: command not found")
+    try:
+        bound = obj.client.yield_bound()
+    except NoSupervisor as exc:
+        fail(EXIT_NO_SUPERVISOR, f"no supervisor answering: {exc}; {command[0]} not run")
+    except BadEndpoint as exc:
+        fail(EXIT_USAGE, str(exc))
+    except CommandFailed as exc:
+        fail(EXIT_FAILED, exc.message)
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCH, str(read_fd), *command],
+                             pass_fds=(read_fd,))
+    os.close(read_fd)
+    go = False
+    try:
+        result = obj.call("yield", _args(gpus=refs, pid=child.pid), wait=bound)
+        stuck = [str(g["gpu"]) for g in result.get("gpus", []) if g.get("outcome") == "unkillable"]
+        if stuck:
+            fail(EXIT_FAILED, f"GPU(s) {','.join(stuck)}: worker unkillable, memory may still be "
+                 f"held; {command[0]} not run")
+        os.write(write_fd, b"g")
+        go = True
+    finally:
+        os.close(write_fd)  # without "g": the launcher exits, and the keeper holds again
+        if not go:
+            child.wait(10)
+    return _wait_forwarding(child)
+
+
+def _wait_forwarding(child: subprocess.Popen[bytes]) -> int:
+    """CMD's exit code; SIGINT/SIGTERM/SIGHUP to keepgpu-ctl meanwhile are passed on to CMD."""
+    def forward(signum: int, frame: object) -> None:
+        if not terminal_sent(signum) and child.returncode is None:
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return exit_code(child.wait())
 
 
 @cli.command()

@@ -2,6 +2,8 @@
 
 Exit codes: 0 released cleanly; 1 some GPU not released cleanly / already running; 2 usage;
 4 every GPU fatal; 78 configuration error (no such GPU, unusable runtime dir or endpoint).
+With `-- CMD`: CMD's exit code (128+N after signal N, 127 not found, 126 not executable);
+128+N when signal N ended the keeper before CMD started.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from keepgpu.protocol.runtime import (
     ensure_dir,
     paths_for,
 )
-from keepgpu.protocol.units import UnitError, parse_size, parse_vram
+from keepgpu.protocol.units import UnitError, parse_duration, parse_size, parse_vram
 from keepgpu.supervisor import watch
+from keepgpu.supervisor.command import Command
 from keepgpu.supervisor.config import ENGINES, SupervisorConfig, WorkerSettings
 from keepgpu.supervisor.devices import ConfigError, Device, Visible, select, visible_devices
 from keepgpu.supervisor.lock import AlreadyRunning, InstanceLock
@@ -84,7 +87,17 @@ def check_control(endpoint: str) -> str:
     return endpoint
 
 
-@click.command(context_settings={"auto_envvar_prefix": "KEEPGPU", "show_default": True})
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, MAX_SECONDS)
+    except UnitError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command(context_settings={"auto_envvar_prefix": "KEEPGPU", "show_default": True,
+                                 "allow_interspersed_args": False})
 @click.option("--gpus", default="all", help="all, ordinals (0,1) or GPU UUIDs, comma separated")
 @click.option("--vram", default=d.VRAM, help="VRAM to hold per GPU: 1GiB, 750MB, 20%, bytes")
 @click.option("--mode", type=click.Choice(MODES), default=d.MODE, help="activity kind")
@@ -110,13 +123,22 @@ def check_control(endpoint: str) -> str:
 @click.option("--detach", is_flag=True, help="run in the background; return once GPUs hold")
 @click.option("--exit-with", type=click.IntRange(1), default=None, metavar="PID",
               help="release everything and exit when process PID ends")
+@click.option("--max-hold", default=None, callback=_duration, metavar="DURATION",
+              help="release everything and exit after DURATION (90m, 8h, seconds)")
+@click.option("--no-wait", is_flag=True, help="with -- CMD: start CMD at once, not once GPUs hold")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", count=True)
 @click.version_option(__version__, prog_name="keepgpu-supervise")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD [ARGS]...]")
 def cli(**opts: Any) -> int:
-    """Hold GPUs with one isolated worker process per GPU, until stopped."""
+    """Hold GPUs with one isolated worker process per GPU, until stopped; with `-- CMD`, while
+    CMD runs (it starts once every GPU holds), exiting with CMD's exit code."""
+    if opts["command"] and opts["detach"]:
+        bad_option("detach", "--detach cannot be combined with -- CMD (whose exit code is ours)")
+    if opts["no_wait"] and not opts["command"]:
+        bad_option("no_wait", "--no-wait needs -- CMD")
     if opts["heartbeat"] * 2 > opts["hang_timeout"]:
         bad_option("hang_timeout", "--hang-timeout must be at least twice --heartbeat")
     try:
@@ -146,19 +168,24 @@ def cli(**opts: Any) -> int:
         restart_window_s=opts["restart_window"],
         restart_delay_s=opts["restart_delay"],
         restart_delay_max_s=max(d.RESTART_DELAY_MAX_S, opts["restart_delay"]),
+        max_hold_s=opts["max_hold"],
     )
     logging_opts = (opts["verbose"] - opts["quiet"], opts["log_format"], opts["log_file"])
-    return serve(config, opts["detach"], *logging_opts, exit_with=opts["exit_with"])
+    return serve(config, opts["detach"], *logging_opts, exit_with=opts["exit_with"],
+                 command=list(opts["command"]) or None, wait=not opts["no_wait"])
 
 
-def _open_log(path: Path | None) -> Any:
+def _open_log(path: Path | None) -> tuple[Any, int | None]:
+    """(log stream, a copy of the original stderr for `-- CMD`, or None when unchanged)."""
     if path is None:
-        return sys.stderr
+        return sys.stderr, None
     _, fd = open_log_file(path)
     fh = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    # CMD writes where the user's terminal or job output is, not into our log.
+    saved = os.dup(2)
     # Workers inherit fd 2: their stack dumps and errors land in the same file.
     os.dup2(fh.fileno(), 2)
-    return fh
+    return fh, saved
 
 
 def _prepare(config: SupervisorConfig) -> tuple[Paths, list[Device], Visible]:
@@ -209,6 +236,8 @@ def serve(
     log_format: str = "text",
     log_file: Path | None = None,
     exit_with: int | None = None,
+    command: list[str] | None = None,
+    wait: bool = True,
 ) -> int:
     paths, devices, visible = _prepare(config)
     if exit_with is not None and not watch.exists(exit_with):
@@ -224,11 +253,19 @@ def serve(
             click.echo(line)
             return code
         stream: Any = sys.stderr
+        cmd_stderr = None
     else:
-        stream = _open_log(log_file)
+        stream, cmd_stderr = _open_log(log_file)
     setup_logging(verbosity, log_format, stream)
+    cmd = None
+    if command:
+        env = dict(os.environ)
+        # CMD (and keepgpu-ctl inside it, e.g. `keepgpu-ctl yield`) finds this keeper.
+        env.pop("KEEPGPU_CONTROL", None)
+        env["KEEPGPU_NAME"] = config.name
+        cmd = Command(command, env, cmd_stderr)
     try:
-        return _run(config, paths, devices, visible, exit_with)
+        return _run(config, paths, devices, visible, exit_with, cmd, wait)
     except Exit as exc:
         Reporter.report({"error": exc.message, "code": exc.code})
         raise
@@ -236,7 +273,7 @@ def serve(
 
 def _run(
     config: SupervisorConfig, paths: Paths, devices: list[Device], visible: Visible,
-    exit_with: int | None = None,
+    exit_with: int | None = None, command: Command | None = None, wait: bool = True,
 ) -> int:
     lock = InstanceLock(paths, config.control)
     try:
@@ -264,6 +301,9 @@ def _run(
             sup.watch_pid(exit_with)
         sup.on_ready = _report_ready
         sup.on_progress = Reporter.progress
+        sup.command, sup.command_wait = command, wait
+        if command is not None and config.control:
+            command.env["KEEPGPU_CONTROL"] = sup.endpoint  # the port a tcp://HOST:* got
         log.info(
             "keepgpu %s supervisor %r pid %d: %d GPU(s) [%s], engine %s, control %s",
             __version__, config.name, os.getpid(), len(devices),

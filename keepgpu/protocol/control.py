@@ -96,6 +96,19 @@ def _seconds(value: Any) -> float:
     return _in_range(value, "seconds", 0, MAX_SECONDS, lo_open=True)
 
 
+def _pid(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+        raise ProtocolError("invalid_argument", f"pid must be a process id: {_short(value)}")
+    return value
+
+
+def _max_hold(value: Any) -> float | None:
+    """Seconds from now until the keeper releases everything and exits; null: no limit."""
+    if value is None:
+        return None
+    return _in_range(value, "max_hold", 0, MAX_SECONDS, lo_open=True)
+
+
 def _vram(value: Any) -> str | int:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ProtocolError("invalid_argument", "vram must be a string like '1GiB'/'20%' or bytes")
@@ -134,7 +147,9 @@ SCHEMA: dict[str, dict[str, tuple[_Check, bool]]] = {
         "busy_threshold": (_number(-1, 100, "busy_threshold"), False),
         "max_temp": (_number(1, 150, "max_temp"), False),
         "on_pressure": (_on_pressure, False),
+        "max_hold": (_max_hold, False),
     },
+    "yield": {"gpus": (_gpus, False), "pid": (_pid, True)},
 }
 COMMANDS = tuple(SCHEMA)
 
@@ -212,9 +227,17 @@ def _validate(obj: dict[str, Any], req_id: Any) -> Request:
             clean[name] = check(args[name])
         elif required:
             raise ProtocolError("invalid_argument", f"{cmd}: missing argument {name!r}")
-    if cmd == "set" and not set(clean) - {"gpus"}:
-        raise ProtocolError("invalid_argument", "set: give at least one setting to change")
+    if cmd == "set":
+        _check_set(args)
     return Request(cmd=cmd, args=clean, id=req_id)
+
+
+def _check_set(args: dict[str, Any]) -> None:
+    if not set(args) - {"gpus"}:
+        raise ProtocolError("invalid_argument", "set: give at least one setting to change")
+    if "max_hold" in args and "gpus" in args:
+        raise ProtocolError("invalid_argument",
+                            "set: max_hold is for the whole supervisor; do not name gpus")
 
 
 def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: Any = None) -> bytes:

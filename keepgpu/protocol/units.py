@@ -109,3 +109,30 @@ def format_bytes(n: int | None) -> str:
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
         size /= 1024
     return f"{n}B"  # pragma: no cover
+
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, max_s: float) -> float:
+    """`90m`, `8h`, `1h30m`, `2d`, `45s` or plain seconds (`3600`, `1.5`) -> seconds (float).
+
+    CLI `--max-hold`. Raises UnitError for garbage, zero, or more than `max_s` seconds."""
+    raw = text.strip().lower()
+    total, pos = 0.0, 0
+    while pos < len(raw):
+        match = _DURATION_PART.match(raw, pos)
+        if match is None or match.group(2) not in _DURATION_UNITS:
+            raise UnitError(f"not a duration: {_clip(text)} (e.g. 90m, 8h, 1h30m, 3600)")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+        while pos < len(raw) and raw[pos] == " ":
+            pos += 1
+    if not raw:
+        raise UnitError("empty duration (e.g. 90m, 8h, 3600)")
+    if not total > 0:
+        raise UnitError(f"duration must be more than 0: {_clip(text)}")
+    if total > max_s:
+        raise UnitError(f"duration {_clip(text)} is longer than {max_s / 86400:g} days")
+    return total

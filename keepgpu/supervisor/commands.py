@@ -11,10 +11,12 @@ from typing import Any, Protocol
 
 from keepgpu.protocol.control import ProtocolError, Request
 from keepgpu.protocol.units import parse_vram
+from keepgpu.supervisor import watch
 from keepgpu.supervisor.slot import LIVE_STATES, Slot
 
-#: States in which `pause`/`set` may name a GPU: a worker runs, or the next one is on its way.
-ACCEPTING_STATES = ("starting", *LIVE_STATES, "restarting")
+#: States in which `pause`/`set`/`yield` may name a GPU: a worker runs, or the next one is on
+#: its way (a yielded GPU's starts when its yields end).
+ACCEPTING_STATES = ("starting", *LIVE_STATES, "restarting", "yielded")
 
 
 class Control(Protocol):
@@ -36,6 +38,9 @@ class Control(Protocol):
     def request_stop(
         self, slots: list[Slot], full: bool, envelope: list[bytes] | None, req_id: Any
     ) -> None: ...
+    def yield_to(self, slots: list[Slot], pid: int, envelope: list[bytes], req_id: Any
+                 ) -> None: ...
+    def set_max_hold(self, seconds: float | None) -> dict[str, Any]: ...
 
 
 Handler = Callable[[Control, Request, list[bytes]], "dict[str, Any] | None"]
@@ -103,7 +108,7 @@ def cmd_start(sup: Control, req: Request, env: list[bytes]) -> dict[str, Any]:
 def _accepting(slot: Slot) -> bool:
     """Does the slot take `pause`/`set` now? A worker runs or its replacement is on the way."""
     if slot.state == "stopping":
-        return slot.stop is not None and slot.stop.then == "restart"
+        return slot.stop is not None and slot.stop.then in ("restart", "yielded")
     return slot.state in ACCEPTING_STATES
 
 
@@ -179,11 +184,19 @@ def _check_vram(slot: Slot, vram: str | int) -> None:
 
 
 def cmd_set(sup: Control, req: Request, env: list[bytes]) -> dict[str, Any]:
-    """set {gpus?, vram?, mode?, target_util?, busy_threshold?, max_temp?, on_pressure?}:
-    change settings of running workers without restarting them; kept for later restarts.
+    """set {gpus?, vram?, mode?, target_util?, busy_threshold?, max_temp?, on_pressure?,
+    max_hold?}: change settings of running workers without restarting them; kept for later
+    restarts. `max_hold` (seconds, or null for none) is the supervisor's: it releases
+    everything and exits that long from now; it cannot be combined with `gpus`.
     A `vram` above a GPU's total memory is `invalid_argument`; while the total is not known
     yet (the GPU's first start) a size is `conflict`. Stopped/fatal GPUs as for `pause`."""
-    changes = {k: v for k, v in req.args.items() if k != "gpus"}
+    changes = {k: v for k, v in req.args.items() if k not in ("gpus", "max_hold")}
+    if "max_hold" in req.args:
+        if sup.shutting_down:
+            raise ProtocolError("conflict", "the supervisor is stopping")
+        held = sup.set_max_hold(req.args["max_hold"])
+        if not changes:
+            return {"gpus": [], **held}
     slots, skipped = _targets(sup, req)
     if "vram" in changes:
         for slot in slots:
@@ -194,6 +207,23 @@ def cmd_set(sup: Control, req: Request, env: list[bytes]) -> dict[str, Any]:
     return _forward(sup, slots, skipped, "set", changes)
 
 
+def cmd_yield(sup: Control, req: Request, env: list[bytes]) -> None:
+    """yield {gpus?, pid}: free the GPUs (their workers stop: memory released, activity ends)
+    while process `pid` lives; the supervisor watches `pid` itself and holds again once it has
+    ended, however it ended. Overlapping yields compose (held again after the last). The reply
+    comes once the workers have exited, as for `stop`, plus `pid`. A `pid` not running is
+    `invalid_argument`; naming a stopped/fatal/unkillable GPU is `conflict` (skipped without
+    `gpus`)."""
+    pid = req.args["pid"]
+    if not watch.exists(pid):
+        raise ProtocolError("invalid_argument", f"pid {pid} is not running: nothing to yield to")
+    slots, _ = _targets(sup, req)
+    if not slots:
+        raise ProtocolError("conflict", "no GPU of this supervisor is holding: nothing to yield")
+    sup.yield_to(slots, pid, env, req.id)
+    return None
+
+
 COMMANDS: dict[str, Handler] = {
     "ping": cmd_ping,
     "status": cmd_status,
@@ -202,6 +232,7 @@ COMMANDS: dict[str, Handler] = {
     "pause": cmd_pause,
     "resume": cmd_resume,
     "set": cmd_set,
+    "yield": cmd_yield,
 }
 
 __all__ = ["COMMANDS", "resolve"]

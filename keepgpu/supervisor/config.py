@@ -30,6 +30,7 @@ class SupervisorConfig:
     restart_delay_s: float = d.RESTART_DELAY_S
     restart_delay_max_s: float = d.RESTART_DELAY_MAX_S
     healthy_reset_s: float = d.HEALTHY_RESET_S
+    max_hold_s: float | None = None  # --max-hold: release everything and exit after this long
 
     def public(self) -> dict[str, Any]:
         """The config as shown in `status` (protocol field supervisor.config)."""
@@ -43,4 +44,5 @@ class SupervisorConfig:
             "max_restarts": self.max_restarts,
             "restart_window_s": self.restart_window_s,
             "restart_delay_s": self.restart_delay_s,
+            "max_hold_s": self.max_hold_s,
         }

@@ -229,20 +229,35 @@ class SlotLifecycle:
                     op.kill_deadline += seconds
 
     def begin_stop(self, slot: Slot, then: str, now: float) -> None:
+        """Stop the slot's worker; `then`: 'stopped', 'restart' (a hang) or 'yielded' (its
+        memory is lent to a watched pid: `yield`; it starts again once those pids end)."""
         if slot.state == "stopping":
-            if slot.stop is not None and then == "stopped":
-                slot.stop.then = "stopped"
+            if slot.stop is not None and (then == "stopped" or slot.stop.then == "restart"):
+                slot.stop.then = then
             return
         if slot.proc is None:
-            if slot.state == "restarting":
+            if slot.state in ("restarting", "yielded"):
                 slot.restart_at = None
-                self.set_state(slot, "stopped", None)
+                self.set_state(slot, "yielded" if then == "yielded" else "stopped", None)
+            if then == "stopped":
+                slot.yielded_to.clear()
             slot.stop = StopOp(now, then, now, outcome="released", finished=now)
             return
         self.send(slot, "stop")
         procs.signal_pid(slot.proc.pid, signal.SIGTERM)
         slot.stop = StopOp(started=now, then=then, join_deadline=now + self.config.join_timeout_s)
-        self.set_state(slot, "stopping", "hang" if then == "restart" else None)
+        reason = {"restart": "hang", "yielded": "yield"}.get(then)
+        self.set_state(slot, "stopping", reason)
+
+    def end_yield(self, slot: Slot) -> None:
+        """Every pid the slot was yielded to has ended: hold again (a worker still stopping
+        for the yield starts again when it exits)."""
+        if slot.state == "yielded" and not slot.yielded_to:
+            if self.shutting_down:
+                self.set_state(slot, "stopped", None)
+            else:
+                log.info("gpu=%d: every yield ended: holding again", slot.gpu)
+                self.start_slot(slot)
 
     def reap(self) -> None:
         if not self.reap_needed:
@@ -278,6 +293,10 @@ class SlotLifecycle:
             op.finished = now
             if op.then == "stopped":
                 self.set_state(slot, "stopped", None)
+                return
+            if op.then == "yielded":
+                self.set_state(slot, "yielded", None)
+                self.end_yield(slot)  # the pids may all have ended while it stopped
                 return
             self._schedule_restart(slot, now, up_for)
             return

@@ -20,6 +20,7 @@ from keepgpu.protocol import keys, wire
 from keepgpu.protocol.control import ProtocolError, error_reply, ok_reply, parse_request
 from keepgpu.protocol.runtime import Paths
 from keepgpu.supervisor import procs, zap
+from keepgpu.supervisor.command import Command
 from keepgpu.supervisor.commands import COMMANDS
 from keepgpu.supervisor.config import SupervisorConfig
 from keepgpu.supervisor.devices import Device
@@ -27,6 +28,7 @@ from keepgpu.supervisor.lifecycle import SlotLifecycle
 from keepgpu.supervisor.notify import Notifier
 from keepgpu.supervisor.slot import DONE_STATES, LIVE_STATES, Slot
 from keepgpu.supervisor.watch import PidWatch
+from keepgpu.supervisor.yields import Yields
 
 log = logging.getLogger("keepgpu.supervisor")
 
@@ -50,6 +52,7 @@ class PendingStop:
     req_id: Any
     gpus: list[int]
     started: float
+    yield_pid: int | None = None  # a `yield`'s reply (memory free), not a `stop`'s
 
 
 class Supervisor:
@@ -89,6 +92,13 @@ class Supervisor:
         self._curve_own: keys.KeyPair | None = None
         self.watch: PidWatch | None = None
         self._refusals = zap.RefusalLog()
+        self.yields = Yields(self.life, self._register_fd, self._unregister_fd)
+        self.command: Command | None = None  # `-- CMD`
+        self.command_wait = True  # start it once every GPU holds (False: --no-wait)
+        self.stop_signal: int | None = None
+        self.expires_at: float | None = None  # --max-hold
+        if config.max_hold_s is not None:
+            self.expires_at = self.started + config.max_hold_s
 
     @property
     def shutting_down(self) -> bool:
@@ -160,6 +170,14 @@ class Supervisor:
         self.poller.register(self._sigr, zmq.POLLIN)
         self.poller_quiet.register(self._sigr, zmq.POLLIN)
 
+    def _register_fd(self, fd: int) -> None:
+        self.poller.register(fd, zmq.POLLIN)
+        self.poller_quiet.register(fd, zmq.POLLIN)
+
+    def _unregister_fd(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        self.poller_quiet.unregister(fd)
+
     def watch_pid(self, pid: int) -> None:
         """Release everything, exactly as on SIGTERM, once process `pid` ends (--exit-with)."""
         self.watch = PidWatch(pid)
@@ -175,7 +193,15 @@ class Supervisor:
         try:
             for slot in self.slots.values():
                 self.start_slot(slot, fresh=True)
-            return self._loop()
+            if self.command is not None and not self.command_wait:
+                self._start_command()
+            code = self._loop()
+            cmd = self.command
+            if cmd is None:
+                return code
+            if cmd.code is not None:
+                return cmd.code
+            return 128 + self.stop_signal if self.stop_signal is not None else code
         finally:
             self._cleanup()
 
@@ -202,6 +228,8 @@ class Supervisor:
             if self._sigr in events:
                 self._drain_signals()
             self._check_watch(events)
+            self.yields.check(events, self.clock())
+            self._check_command()
             if self.zap in events:
                 self._drain(self.zap, self._on_zap)
             if self.workers in events:
@@ -217,6 +245,7 @@ class Supervisor:
             life.dirty = False
             now = self._read_heartbeats(now)
             life.tick(now)
+            self._check_expiry(now)
             self._watchdog()
             code = self._finish_if_done()
             if code is not None:
@@ -247,6 +276,7 @@ class Supervisor:
                 procs.kill_group(slot.proc.pid)
         if self.watch is not None:
             self.watch.close()
+        self.yields.close()
         if self._sigw >= 0:
             # The release is over: a late SIGTERM (an epilog after `keepgpu-ctl stop`) must not
             # turn the exit code into -15. Python's finalization restores SIG_DFL for handlers it
@@ -295,6 +325,11 @@ class Supervisor:
                 self.life.reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 name = signal.Signals(signum).name
+                if self.command is not None and self.command.running:
+                    # CMD decides: the GPUs are released once it has ended.
+                    self.command.forward(signum)
+                    continue
+                self.stop_signal = self.stop_signal or signum
                 if self.shutting_down:
                     log.warning("received %s again: SIGKILL without waiting for the join", name,
                                 extra=fields("signal", signal=name, again=True))
@@ -316,6 +351,40 @@ class Supervisor:
         log.info("watched pid %d ended: releasing every GPU", watch.pid,
                  extra=fields("watched-ended", watched_pid=watch.pid))
         self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _start_command(self) -> None:
+        assert self.command is not None
+        self.command.start()
+        if self.command.code is not None:  # could not be run: release at once
+            self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _check_command(self) -> None:
+        if self.command is not None and self.command.poll() and not self.shutting_down:
+            self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def _check_expiry(self, now: float) -> None:
+        if self.expires_at is None or now < self.expires_at or self.shutting_down:
+            return
+        log.info("--max-hold reached: releasing every GPU")
+        self.request_stop(list(self.slots.values()), full=True, envelope=None, req_id=None)
+
+    def set_max_hold(self, seconds: float | None) -> dict[str, Any]:
+        """`set {max_hold}`: release everything `seconds` from now (None: no limit)."""
+        now = self.clock()
+        self.expires_at = None if seconds is None else now + seconds
+        self.life.dirty = True
+        log.info("max hold set: %s", "none" if seconds is None else f"{seconds:g}s from now")
+        return {"hold_left_s": self._hold_left(now)}
+
+    def _hold_left(self, now: float) -> float | None:
+        return None if self.expires_at is None else round(max(0.0, self.expires_at - now), 3)
+
+    def yield_to(self, slots: list[Slot], pid: int, envelope: list[bytes], req_id: Any) -> None:
+        """`yield`: stop the slots' workers while `pid` lives; reply once they have exited."""
+        now = self.clock()
+        self.life.dirty = True
+        self.yields.add(slots, pid, now)
+        self.pending.append(PendingStop(envelope, req_id, [s.gpu for s in slots], now, pid))
 
     def _on_zap(self, frames: list[bytes]) -> None:
         curve = self._curve_keys if self._curve_own is not None else None
@@ -399,7 +468,9 @@ class Supervisor:
             best = min(best, self._next_watchdog)
         if self.watch is not None:
             best = min(best, self.watch.next_check)
-        return best
+        if self.expires_at is not None and not self.shutting_down:
+            best = min(best, self.expires_at)
+        return min(best, self.yields.next_check)
 
     def _maybe_ready(self) -> None:
         """Once every GPU holds or has failed: --detach's parent is told, and systemd."""
@@ -407,12 +478,15 @@ class Supervisor:
             return
         if self.on_progress is not None:
             self.on_progress(self)
-        if all(s.state in LIVE_STATES or s.state in DONE_STATES for s in self.slots.values()):
+        if all(s.state in (*LIVE_STATES, *DONE_STATES, "yielded") for s in self.slots.values()):
             self._ready_fired = True
             holding = sum(s.state in LIVE_STATES for s in self.slots.values())
             self.notifier.send(f"READY=1\nSTATUS={holding}/{len(self.slots)} GPUs holding")
             if self.on_ready is not None:
                 self.on_ready(self)
+            cmd = self.command
+            if cmd is not None and not cmd.started and not self.shutting_down and holding:
+                self._start_command()
 
     # ---- completion ------------------------------------------------------------------------
 
@@ -428,6 +502,8 @@ class Supervisor:
             self._reply(pend.envelope, ok_reply(pend.req_id, self._stop_result(slots, pend)))
         self.pending = still
         states = [s.state for s in self.slots.values()]
+        if self.command is not None and self.command.running:
+            return None  # GPUs released or fatal: the exit code is CMD's, once it ends
         if self.shutting_down and all(s in DONE_STATES for s in states) and not self.pending:
             outcomes = [s.stop.outcome if s.stop else "released" for s in self.slots.values()]
             clean = all(o == "released" for o in outcomes)
@@ -453,6 +529,8 @@ class Supervisor:
                 "pid": s.unkillable_pid,
                 "error": s.error if s.state == "unkillable" else None,
             })
+        if pend.yield_pid is not None:
+            return {"gpus": gpus, "pid": pend.yield_pid, "exiting": self.shutting_down}
         return {"gpus": gpus, "exiting": self.shutting_down}
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -464,6 +542,8 @@ class Supervisor:
             "uptime_s": round(now - self.started, 3),
             "endpoint": self.endpoint,
             "config": self.config.public(),
+            "hold_left_s": self._hold_left(now),
+            "command_pid": self.command.pid if self.command else None,
         }
 
 

@@ -1,7 +1,8 @@
 """Per-GPU slot: the state of one worker as the supervisor sees it.
 
 States: starting -> holding <-> backoff -> stopping -> stopped, plus restarting (waiting out a
-restart delay) and the terminal fatal / unkillable. The event loop drives transitions; this
+restart delay), yielded (worker stopped, memory lent to watched pids until they end: `yield`) and
+the terminal fatal / unkillable. The event loop drives transitions; this
 module keeps the record and renders it for `status`.
 """
 
@@ -80,6 +81,8 @@ class Slot:
     # A control change came while starting: repeat it once the worker is READY.
     changed_while_starting: bool = False
     unkillable_pid: int | None = None
+    # Pids this GPU is yielded to (`yield`): it holds again once every one has ended.
+    yielded_to: set[int] = field(default_factory=set)
 
     @property
     def pid(self) -> int | None:
@@ -122,4 +125,5 @@ class Slot:
             left = None  # a timed pause that has run out
         out["pause_left_s"] = None if left is None or math.isinf(left) else round(left, 3)
         out["paused_forever"] = left is not None and math.isinf(left)
+        out["yielded_to"] = sorted(self.yielded_to)
         return out

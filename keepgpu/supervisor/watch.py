@@ -79,3 +79,36 @@ class PidWatch:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class PidSet:
+    """Several watched pids (yields, a `-- CMD`), each added once. The owner registers `fd`s
+    of new watches in its poller (`add` returns the new PidWatch) and calls `ended` each
+    tick; ended watches leave the set, and the owner unregisters their fd, then closes them."""
+
+    def __init__(self) -> None:
+        self.watches: dict[int, PidWatch] = {}
+
+    def add(self, pid: int) -> PidWatch | None:
+        """Watch `pid`; None when it is watched already."""
+        if pid in self.watches:
+            return None
+        watch = PidWatch(pid)
+        self.watches[pid] = watch
+        return watch
+
+    def ended(self, events: Container[int], now: float) -> list[PidWatch]:
+        """The watches whose process ended (removed from the set, not closed yet)."""
+        out = [w for w in self.watches.values() if w.ended(events, now)]
+        for watch in out:
+            del self.watches[watch.pid]
+        return out
+
+    @property
+    def next_check(self) -> float:
+        return min((w.next_check for w in self.watches.values()), default=math.inf)
+
+    def close(self) -> None:
+        for watch in self.watches.values():
+            watch.close()
+        self.watches.clear()
