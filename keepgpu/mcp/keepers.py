@@ -38,13 +38,6 @@ class KeeperError(Exception):
     """A tool failure in words (the MCP tool returns it with isError)."""
 
 
-def supports_max_hold() -> bool:
-    """Whether this install's keepgpu-supervise has `--max-hold` (issue 12 item 3)."""
-    from keepgpu.cli.supervise import cli  # no torch: the supervisor never imports it
-
-    return any(p.name == "max_hold" for p in cli.params)
-
-
 @dataclass
 class Owned:
     keeper: AsyncKeeper
@@ -119,8 +112,8 @@ class Keepers:
         if not 0 < max_hold_s <= MAX_HOLD_LIMIT_S:
             raise KeeperError(f"max_hold_s must be in (0, {MAX_HOLD_LIMIT_S:g}]: {max_hold_s}")
         name = f"mcp-{os.getpid()}-{next(_counter)}-{secrets.token_hex(3)}"
-        if supports_max_hold():
-            options = {**options, "max_hold": f"{max_hold_s:g}"}
+        # The keeper ends by itself too (--max-hold), should this server's timer never fire.
+        options = {**options, "max_hold": f"{max_hold_s:g}"}
         keeper = await start_keeper(gpus, vram, name=name, own_name=True, **options)
         owned = Owned(keeper, gpus, time.monotonic() + max_hold_s)
         owned.timer = asyncio.create_task(self._expire(name, max_hold_s))

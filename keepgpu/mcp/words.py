@@ -46,8 +46,8 @@ def summary(status: dict[str, Any]) -> str:
     sup = status.get("supervisor") or {}
     head = (f"keeper {sup.get('name')!r} (pid {sup.get('pid')}, {sup.get('state')}, "
             f"up {sup.get('uptime_s')} s)")
-    if sup.get("max_hold_left_s") is not None:
-        head += f", ends in {sup['max_hold_left_s']:.0f} s (max hold)"
+    if sup.get("hold_left_s") is not None:
+        head += f", ends in {sup['hold_left_s']:.0f} s (max hold)"
     return "\n".join([head, *(f"  {line(g)}" for g in status.get("gpus") or [])])
 
 

@@ -16,7 +16,6 @@ from conftest import Sup, alive, proc_key
 from keepgpu import aio
 from keepgpu.client import CommandFailed, NoSupervisor
 from keepgpu.context import HoldError
-from keepgpu.protocol.control import SCHEMA
 
 FAST = {"engine": "fake", "heartbeat": 0.2, "join_timeout": 1, "kill_timeout": 1}
 
@@ -134,27 +133,6 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children()}
 
 
-@pytest.mark.skipif("yield" in SCHEMA, reason="`yield` exists: the test below covers it")
-def test_yielded_on_a_keeper_without_yield_raises_and_leaves_no_token(
-        start_sup: Callable[..., Sup]) -> None:
-    sup = start_sup("--gpus", "0", "--heartbeat", "0.2")
-    sup.wait_states("holding")
-    before = _children()
-
-    async def body() -> None:
-        with pytest.raises(CommandFailed) as info:
-            async with aio.yielded(endpoint=sup.endpoint):
-                raise AssertionError("the block must not run")
-        assert info.value.code == "unknown_command"
-
-    asyncio.run(body())
-    assert _children() <= before  # the token child is gone
-    assert [g["state"] for g in sup.gpus()] == ["holding"]
-
-
-@pytest.mark.skipif("yield" not in SCHEMA, reason=(
-    "the control protocol has no `yield` on this branch (issue 12 item 2, another branch): "
-    "at merge this must pass"))
 def test_yielded_frees_the_gpu_for_the_block_and_holds_again(start_sup: Callable[..., Sup]
                                                             ) -> None:
     sup = start_sup("--gpus", "0", "--heartbeat", "0.2", "--join-timeout", "1")

@@ -21,9 +21,6 @@ pytest.importorskip("mcp.server.mcpserver", reason="keepgpu-mcp needs the mcp ex
 from mcp.client.session import ClientSession  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 
-from keepgpu.mcp.keepers import supports_max_hold  # noqa: E402
-from keepgpu.protocol.control import SCHEMA  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {"list_gpus", "status", "explain", "hold", "release", "pause", "resume", "yield_for"}
 Session = Callable[[ClientSession], Awaitable[None]]
@@ -199,9 +196,6 @@ def test_the_time_limit_ends_the_keeper(env: dict[str, str]) -> None:
         _kill(seen)
 
 
-@pytest.mark.skipif(not supports_max_hold(), reason=(
-    "keepgpu-supervise has no --max-hold on this branch (issue 12 item 3, another branch): "
-    "at merge this must pass"))
 def test_the_keeper_itself_is_given_the_time_limit(env: dict[str, str], runtime_dir: Path
                                                    ) -> None:
     async def body(s: ClientSession) -> None:
@@ -215,23 +209,6 @@ def test_the_keeper_itself_is_given_the_time_limit(env: dict[str, str], runtime_
     run_session(env, body)
 
 
-def test_yield_for_says_clearly_when_the_keeper_has_no_yield(env: dict[str, str]) -> None:
-    if "yield" in SCHEMA:
-        pytest.skip("this keepgpu has `yield`: test_yield_for_frees_then_holds_again covers it")
-
-    async def body(s: ClientSession) -> None:
-        err, held = await call(s, "hold", gpus="0", vram="64MiB", max_hold_s=60)
-        assert not err, held
-        err, text = await call(s, "yield_for", name=held["name"], seconds=2)
-        assert err and "does not know 'yield'" in text
-        assert not (await call(s, "release", name=held["name"]))[0]
-
-    run_session(env, body)
-
-
-@pytest.mark.skipif("yield" not in SCHEMA, reason=(
-    "the control protocol has no `yield` on this branch (issue 12 item 2, another branch): "
-    "at merge this must pass"))
 def test_yield_for_frees_then_holds_again(env: dict[str, str]) -> None:
     async def body(s: ClientSession) -> None:
         err, held = await call(s, "hold", gpus="0", vram="64MiB", max_hold_s=60)
