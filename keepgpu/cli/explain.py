@@ -164,10 +164,17 @@ def _unkillable(g: GpuView, k: KeeperView) -> str:
             "until the kernel lets the process go (often a stuck driver call)")
 
 
+def _yielded(g: GpuView, k: KeeperView) -> str:
+    pids = ", ".join(str(p) for p in g.yielded_to) or "?"
+    many = "s" if len(g.yielded_to) > 1 else ""
+    return (f"yielded to pid{many} {pids}: its worker is stopped and its memory free; held "
+            f"again once {'they end' if many else 'it ends'}")
+
+
 _BY_STATE: dict[str, Callable[[GpuView, KeeperView], str]] = {
     "holding": _holding, "backoff": _backoff, "fatal": _fatal, "restarting": _restarting,
     "starting": _starting, "stopping": _stopping, "stopped": _stopped,
-    "unkillable": _unkillable,
+    "unkillable": _unkillable, "yielded": _yielded,
 }
 
 

@@ -27,6 +27,7 @@ STATE_WORDS: dict[tuple[str, str | None], str] = {
     ("stopping", None): "stopping",
     ("stopping", "hang"): "stopping: worker hung",
     ("stopped", None): "stopped",
+    ("yielded", None): "yielded to a command",
     ("fatal", "restart-limit"): "fatal: too many crashes",
     ("fatal", "config"): "fatal: configuration error",
     ("fatal", "spawn-failed"): "fatal: cannot start worker",
@@ -184,6 +185,7 @@ class GpuView:
     error: str | None = None
     policy: Policy | None = None
     others: tuple[OtherProcess, ...] = ()
+    yielded_to: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> GpuView:
@@ -214,6 +216,7 @@ class GpuView:
             paused_forever=raw.get("paused_forever") is True,
             telemetry_error=_str(raw.get("telemetry_error")), error=_str(raw.get("error")),
             policy=Policy.parse(raw.get("policy")), others=others,
+            yielded_to=tuple(p for p in raw.get("yielded_to") or () if isinstance(p, int)),
         )
 
     @property
@@ -251,12 +254,17 @@ class KeeperView:
     version: str | None
     config: dict[str, Any] = field(default_factory=dict)
     gpus: tuple[GpuView, ...] = ()
+    hold_left_s: float | None = None  # --max-hold: seconds until it releases and exits
 
     def header(self) -> str:
         """'supervisor default  pid 1234  running  up 3m05s  engine fake' (the status header
-        line since the first release: scripts may read it)."""
-        return (f"supervisor {self.name}  pid {self.pid}  {self.state}  "
+        line since the first release: scripts may read it), then '  ends in 1h30m' under
+        --max-hold."""
+        line = (f"supervisor {self.name}  pid {self.pid}  {self.state}  "
                 f"up {duration(self.uptime_s)}  engine {self.engine or '?'}")
+        if self.hold_left_s is not None:
+            line += f"  ends in {duration(self.hold_left_s)}"
+        return line
 
 
 def parse_status(result: dict[str, Any]) -> KeeperView:
@@ -269,6 +277,7 @@ def parse_status(result: dict[str, Any]) -> KeeperView:
         state=str(sup.get("state") or "?"), uptime_s=_num(sup.get("uptime_s")),
         engine=_str(config.get("engine")), endpoint=_str(sup.get("endpoint")),
         version=_str(sup.get("version")), config=config,
+        hold_left_s=_num(sup.get("hold_left_s")),
         gpus=tuple(GpuView.parse(g) for g in result.get("gpus") or () if isinstance(g, dict)),
     )
 

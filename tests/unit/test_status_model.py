@@ -176,3 +176,18 @@ def test_keepgpu_ctl_loads_rich_only_for_top() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_yielded_gpu_and_the_time_left_are_explained():
+    from keepgpu.cli.explain import explain_gpu
+    from keepgpu.cli.model import parse_status
+
+    k = parse_status({
+        "supervisor": {"name": "x", "pid": 1, "state": "running", "uptime_s": 5,
+                       "hold_left_s": 5400.0, "config": {"engine": "fake"}},
+        "gpus": [{"gpu": 0, "state": "yielded", "yielded_to": [4242, 4343]}],
+    })
+    assert "ends in 1h30m" in k.header()
+    g = k.gpus[0]
+    assert g.words == "yielded to a command"
+    assert explain_gpu(g, k).startswith("yielded to pids 4242, 4343: its worker is stopped")
