@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 if importlib.util.find_spec("zmq") is None:
     pytest.skip("pyzmq is not installed: the supervisor tests need it (bring its wheel, see "

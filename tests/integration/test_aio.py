@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Sup, alive, proc_key
+from kgtest import Sup, alive, proc_key
 
 from keepgpu import aio
 from keepgpu.client import CommandFailed, NoSupervisor

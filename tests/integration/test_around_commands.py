@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CTL, SUPERVISE, Sup, alive, proc_key, wait_until
+from kgtest import CTL, SUPERVISE, Sup, alive, proc_key, wait_until
 
 from keepgpu.client import Client, CommandFailed
 

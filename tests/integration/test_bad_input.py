@@ -12,7 +12,7 @@ import uuid
 
 import psutil
 import pytest
-from conftest import CTL, SUPERVISE, Sup, wait_until
+from kgtest import CTL, SUPERVISE, Sup, wait_until
 
 HUGE = "1" * 400
 

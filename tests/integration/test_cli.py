@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import CTL, SUPERVISE
+from kgtest import CTL, SUPERVISE
 
 
 def run(cmd, env, timeout=30):

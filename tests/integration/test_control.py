@@ -10,7 +10,7 @@ import time
 
 import pytest
 import zmq
-from conftest import CTL, Sup, wait_until
+from kgtest import CTL, Sup, wait_until
 
 FAST = ["--heartbeat", "0.2", "--hang-timeout", "2", "--restart-delay", "0.1"]
 

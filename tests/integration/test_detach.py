@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CTL, SUPERVISE, alive, proc_key
+from kgtest import CTL, SUPERVISE, alive, proc_key
 
 from keepgpu.cli.common import Exit
 from keepgpu.cli.detach import progress_line, wait_for_daemon

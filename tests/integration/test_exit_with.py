@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import SUPERVISE, Sup, alive, proc_key
+from kgtest import SUPERVISE, Sup, alive, proc_key
 
 
 @pytest.mark.parametrize("via", ["option", "env"])

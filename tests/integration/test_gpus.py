@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import CTL
 from fakes.fake_pynvml import FakeGpu
 from fakes.fake_pynvml import install as install_fake
+from kgtest import CTL
 
 from keepgpu.cli import keepers
 from keepgpu.cli.ctl import cli

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import alive, proc_key, wait_until
+from kgtest import alive, proc_key, wait_until
 
 import keepgpu
 from keepgpu.client import Client

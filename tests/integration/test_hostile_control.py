@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 from keepgpu.protocol import keys
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import alive, proc_key, wait_until
+from kgtest import alive, proc_key, wait_until
 
 import keepgpu
 from keepgpu.context import HoldError

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 from keepgpu.client import NoSupervisor
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import SUPERVISE, alive, proc_key, wait_until
+from kgtest import SUPERVISE, alive, proc_key, wait_until
 
 from keepgpu.client import Client
 from keepgpu.logsink import PIPE_BUF

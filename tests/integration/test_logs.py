@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 GiB = 1024**3
 COMMON = ("ts", "level", "logger", "pid", "event", "msg")

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from conftest import alive, proc_key, wait_until
+from kgtest import alive, proc_key, wait_until
 
 pytest.importorskip("mcp.server.mcpserver", reason="keepgpu-mcp needs the mcp extra")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import CTL, Sup, wait_until
+from kgtest import CTL, Sup, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 EXPORTER = [sys.executable, "-m", "keepgpu.cli.exporter"]

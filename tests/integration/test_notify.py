@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from conftest import Sup
+from kgtest import Sup
 
 
 def test_sd_notify_ready_watchdog_and_stopping(start_sup, runtime_dir):

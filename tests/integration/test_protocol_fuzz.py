@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import Sup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kgtest import Sup
 
 from keepgpu.protocol.control import ERROR_CODES
 

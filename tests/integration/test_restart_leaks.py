@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 GPUS = 9  # GPU 0 holds for real; 1..8 exit at their first line and go fatal at once
 # 125 x 8 = 1000 restarts. Each costs one interpreter start-up (~0.1 CPU-s on a slow 2-core CI

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CTL, SUPERVISE, Sup, wait_until
+from kgtest import CTL, SUPERVISE, Sup, wait_until
 
 from keepgpu.client import AuthFailed, Client
 from keepgpu.protocol import keys

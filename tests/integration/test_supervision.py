@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Sup, alive, proc_key, wait_until
+from kgtest import Sup, alive, proc_key, wait_until
 
 from keepgpu.client import NoSupervisor
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import psutil
 import pytest
-from conftest import Sup, wait_until
+from kgtest import Sup, wait_until
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                 reason="torch is not installed")

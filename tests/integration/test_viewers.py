@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CTL, Sup, wait_until
+from kgtest import CTL, Sup, wait_until
 
 from keepgpu.client import NoSupervisor
 

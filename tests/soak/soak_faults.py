@@ -10,7 +10,7 @@ import signal
 import time
 from typing import Any, NoReturn
 
-from conftest import Sup
+from kgtest import Sup
 from soak_helpers import (
     EXTRA,
     SLACK_S,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from conftest import Sup, alive, wait_until
+from kgtest import Sup, alive, wait_until
 from soak_faults import Faults
 from soak_helpers import (
     BUDGET_S,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import Sup
+from kgtest import Sup
 
 FAST = ["--heartbeat", "0.2", "--hang-timeout", "1", "--join-timeout", "1", "--kill-timeout", "1"]
 
