@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -70,30 +70,23 @@ def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
 def stale_socket(socket_path: str) -> str | None:
     """Why the supervisor behind ipc socket file `socket_path` is known to be gone, else None.
 
-    A SIGKILLed supervisor leaves its `<name>.ctl` and `<name>.pid` behind; connecting would
-    wait out the whole timeout. The pid file next to the socket tells at once: its pid gone, a
-    zombie, or not a keepgpu process (pid reused). Only reads files: taking the supervisor's
-    flock, even briefly, would refuse a supervisor starting at that moment. Without a pid file
-    (a custom --control path) or when the process cannot be inspected, None: ask the socket.
+    A SIGKILLed supervisor leaves its socket file behind, and a ZeroMQ connect to it would wait
+    out the whole timeout. A plain non-blocking AF_UNIX connect tells at once: ECONNREFUSED
+    means nobody listens there any more. It reads no pid file (the pid may belong to another
+    pid namespace, e.g. a container sharing the runtime dir) and takes no lock (a supervisor
+    starting at that moment would be refused). Anything else (a listener, a full backlog,
+    no permission): None, and the socket itself is asked.
     """
-    if not socket_path.endswith(".ctl"):
-        return None
-    pidfile = socket_path[: -len(".ctl")] + ".pid"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
     try:
-        # Line 1 is the pid (line 2, when present, the endpoint it got).
-        pid = int(Path(pidfile).read_text().split("\n", 1)[0].strip())
-    except (OSError, ValueError):
+        probe.connect(socket_path)
+    except ConnectionRefusedError:
+        return f"the supervisor behind {socket_path} is gone (nothing listens on that socket)"
+    except OSError:
         return None
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return f"its supervisor (pid {pid}) has exited; stale socket {socket_path}"
-        if not any("keepgpu" in part for part in proc.cmdline()):
-            return f"pid {pid} in {pidfile} is not a keepgpu supervisor; stale socket {socket_path}"
-    except psutil.NoSuchProcess:
-        return f"its supervisor (pid {pid}) is gone; stale socket {socket_path}"
-    except psutil.Error:
-        return None
+    finally:
+        probe.close()
     return None
 
 
