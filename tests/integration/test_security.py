@@ -135,7 +135,10 @@ def test_other_uid_cannot_use_tcp_control(start_sup, own_keys, as_other, other_h
     sup = _tcp_sup(start_sup)
     # 1. No keys at all (NULL mechanism): the handshake fails, nothing is answered.
     raw = json.loads(as_other("-c", RAW_PING, sup.endpoint).stdout)
-    assert not raw["answered"] and "HANDSHAKE_FAILED_PROTOCOL" in raw["events"], raw
+    # A NULL peer against a CURVE server: libzmq reports the mismatch as _PROTOCOL or
+    # _NO_DETAIL depending on which side notices first; either way no answer ever comes.
+    failed = [e for e in raw["events"] if e.startswith("HANDSHAKE_FAILED_")]
+    assert not raw["answered"] and failed, raw
     # 2. keepgpu-ctl without a usable home: one line, exit 1, at once.
     t0 = time.monotonic()
     out = as_other("-m", "keepgpu.cli.ctl", "--endpoint", sup.endpoint, "--timeout", "3", "stop")
