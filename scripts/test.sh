@@ -12,4 +12,11 @@ source scripts/pyenv.sh
 pick_python
 "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
-exec "$PY" -m pytest -q "$@"
+# Most tests wait on real processes rather than compute: several pytest workers overlap those
+# waits (the Slurm tests keep to one worker, see tests/conftest.py). KEEPGPU_TEST_JOBS=0 runs
+# everything in this one process.
+jobs=${KEEPGPU_TEST_JOBS:-3}
+if [[ $jobs == 0 ]]; then
+    exec "$PY" -m pytest -q "$@"
+fi
+exec "$PY" -m pytest -q -n "$jobs" --dist loadgroup "$@"
