@@ -50,14 +50,3 @@ def start_sup(runtime_dir: Path, base_env: dict[str, str]) -> Iterator[Callable[
     for sup in started:
         sup.cleanup()
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (scripts/test.sh runs `-n N --dist loadgroup`): the Slurm tests share
-    one cluster, so they run on one worker; the two long fault tests (soak, 1000 restarts) run
-    one after the other on another, so that they never load the two cores at the same time."""
-    for item in items:
-        path = str(item.path)
-        if "/tests/slurm/" in path:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif "/tests/soak/" in path or path.endswith("test_restart_leaks.py"):
-            item.add_marker(pytest.mark.xdist_group("long-faults"))

@@ -82,14 +82,6 @@ def _bind(host: str, port: int) -> _Server:
         fail(EXIT_CONFIG, f"cannot listen on {where}: {why or exc.strerror or exc}")
 
 
-class _Stop(Exception):
-    """SIGTERM/SIGINT: leave serve_forever and close."""
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signum)
-
-
 @click.command(context_settings={"auto_envvar_prefix": "KEEPGPU",
                                  "show_default": True})
 @click.option("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to serve /metrics on")
@@ -107,10 +99,18 @@ def cli(listen: str, timeout: float, verbose: int) -> int:
     who = "every user" if os.geteuid() == 0 else f"uid {os.getuid()}"
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("serving http://%s:%d/metrics for the keepers of %s", shown, bound_port, who)
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM/SIGINT only set a flag: raising from the handler could land in the middle of a
+    # request thread's start-up and leave the server half torn down.
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    server.timeout = 0.5  # handle_request() returns at least this often to look at the flag
     try:
-        server.serve_forever(poll_interval=0.5)
-    except _Stop:
+        while not stopping:
+            server.handle_request()
         log.info("stopping")
     finally:
         for s, handler in old.items():

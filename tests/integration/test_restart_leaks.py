@@ -25,6 +25,7 @@ def fds_and_rss(pid: int) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.xdist_group("long-faults")  # never beside the soak: both load the two cores
 def test_fds_and_rss_flat_over_1000_restarts(start_sup):
     exits = ",".join(f"{g}:3" for g in range(1, GPUS))
     sup: Sup = start_sup("--gpus", "all", "--heartbeat", "0.5", "--hang-timeout", "5",

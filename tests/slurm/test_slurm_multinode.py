@@ -25,7 +25,8 @@ if os.environ.get("KEEPGPU_SKIP_SLURM") == "1":
 
 import slurm_harness as h  # noqa: E402 - after the skips: it imports keepgpu's client
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
+# One cluster, one scheduler: under pytest-xdist every Slurm test runs on one worker, in order.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240), pytest.mark.xdist_group("slurm")]
 
 ALL = h.NODES
 MULTI = ("--partition=multi",)

@@ -63,7 +63,8 @@ NAME = "soak"
 END_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP,
                "sigkill": signal.SIGKILL}
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(BUDGET_S) + 120)]
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(BUDGET_S) + 120),
+              pytest.mark.xdist_group("long-faults")]
 
 
 class Soak(Faults):
