@@ -238,6 +238,9 @@ node_keeper() {
     # shellcheck disable=SC2086 # KEEPGPU_SUPERVISE_ARGS is a word list by design
     out=$("$supervise" --name "$NAME" --detach $KEEPGPU_SUPERVISE_ARGS "$@" 2>&1)
     rc=$?
+    # On success the summary is the last line (before it: per-GPU progress of a slow start);
+    # a failure reports everything, the reasons included.
+    ((rc == 0)) && out=${out##*$'\n'}
     node_report start "$rc" "$out"
     pid=$(kg_read_pidfile "$RUNDIR/$NAME.pid") || pid=""
     [[ -n $pid ]] && kg_alive "$pid" || exit "$rc"
