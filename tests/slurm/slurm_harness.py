@@ -273,7 +273,12 @@ class Job:
         return int(rc), _read(str(self.box / f"out.{n}")).decode()
 
     def finish(self, code: int = 0) -> None:
-        (self.box / "exit").write_text(f"{code}\n")
+        # Written under another name, then renamed: the job polls for `exit` and must never
+        # read it half written (an empty `exit ""` is bash's exit 2).
+        tmp = self.box / ".exit"
+        tmp.write_text(f"{code}\n")
+        os.chmod(tmp, 0o644)
+        tmp.rename(self.box / "exit")
 
     def output(self) -> str:
         return _read(str(self.box / "slurm.out")).decode(errors="replace")
