@@ -40,6 +40,7 @@ from keepgpu.cli.common import (
 from keepgpu.cli.explain import explain
 from keepgpu.cli.gpus import gpus_command
 from keepgpu.cli.metrics import metrics_command
+from keepgpu.cli.model import parse_gpu_refs
 from keepgpu.cli.table import COLUMNS_HELP, render_status, render_stop
 from keepgpu.cli.top import top
 from keepgpu.client import BadEndpoint, Client, CommandFailed, NoSupervisor, endpoint_for
@@ -87,21 +88,10 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def _gpus(value: str | None) -> list[int | str] | None:
     """`--gpus` as protocol refs; what the supervisor would refuse as invalid is usage here."""
-    if value is None:
-        return None
-    out: list[int | str] = []
-    for token in value.split(","):
-        token = token.strip()
-        if not token:
-            raise click.BadParameter(f"empty entry in {value!r}", param_hint="--gpus")
-        if len(token) > 128:
-            raise click.BadParameter(f"entry longer than 128 characters: {token[:20]}...",
-                                     param_hint="--gpus")
-        ref: int | str = int(token) if token.isdigit() else token
-        if ref in out:
-            raise click.BadParameter(f"{value!r} names GPU {token} twice", param_hint="--gpus")
-        out.append(ref)
-    return out
+    try:
+        return parse_gpu_refs(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from None
 
 
 def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -285,7 +285,8 @@ def parse_status(result: dict[str, Any]) -> KeeperView:
 def parse_gpu_refs(value: str | None) -> list[int | str] | None:
     """`--gpus 0,GPU-8f3c...` as protocol GPU references (ordinals as ints); None for all.
 
-    Raises ValueError for an empty entry."""
+    Raises ValueError (one line) for what the supervisor would refuse anyway: an empty entry,
+    one over 128 characters, a GPU named twice."""
     if value is None:
         return None
     out: list[int | str] = []
@@ -293,5 +294,10 @@ def parse_gpu_refs(value: str | None) -> list[int | str] | None:
         token = token.strip()
         if not token:
             raise ValueError(f"empty entry in {value!r}")
-        out.append(int(token) if token.isdigit() else token)
+        if len(token) > 128:
+            raise ValueError(f"entry longer than 128 characters: {token[:20]}...")
+        ref: int | str = int(token) if token.isdigit() else token
+        if ref in out:
+            raise ValueError(f"{value!r} names GPU {token} twice")
+        out.append(ref)
     return out
