@@ -16,7 +16,7 @@ import zmq
 
 from keepgpu._version import __version__
 from keepgpu.logfmt import fields
-from keepgpu.protocol import keys, wire
+from keepgpu.protocol import wire
 from keepgpu.protocol.control import ProtocolError, error_reply, ok_reply, parse_request
 from keepgpu.protocol.runtime import Paths
 from keepgpu.supervisor import procs, zap
@@ -24,6 +24,7 @@ from keepgpu.supervisor.command import Command
 from keepgpu.supervisor.commands import COMMANDS
 from keepgpu.supervisor.config import SupervisorConfig
 from keepgpu.supervisor.devices import Device
+from keepgpu.supervisor.gate import Gate
 from keepgpu.supervisor.lifecycle import SlotLifecycle
 from keepgpu.supervisor.notify import Notifier
 from keepgpu.supervisor.slot import DONE_STATES, LIVE_STATES, Slot
@@ -89,9 +90,8 @@ class Supervisor:
         self._ready_fired = False
         self.notifier = Notifier()
         self._next_watchdog = clock()
-        self._curve_own: keys.KeyPair | None = None
+        self.gate = Gate(self.uid, clock)
         self.watch: PidWatch | None = None
-        self._refusals = zap.RefusalLog()
         self.yields = Yields(self.life, self._register_fd, self._unregister_fd)
         self.command: Command | None = None  # `-- CMD`
         self.command_wait = True  # start it once every GPU holds (False: --no-wait)
@@ -124,7 +124,7 @@ class Supervisor:
             sock.zap_domain = zap.DOMAIN
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.endpoint.startswith("tcp://"):
-            self._serve_curve()
+            self.gate.serve_curve(self.control)
         old = os.umask(0o177)  # socket files are created 0600
         try:
             self.workers.bind(self.paths.workers_endpoint)
@@ -139,25 +139,6 @@ class Supervisor:
             self.poller.register(sock, zmq.POLLIN)
             if sock is not self.workers:
                 self.poller_quiet.register(sock, zmq.POLLIN)
-
-    def _serve_curve(self) -> None:
-        """tcp carries no peer uid: serve CURVE with the user's keypair; ZAP admits the user's
-        own public key and the authorized ones (read at each handshake, so added keys count
-        without a restart). Raises keys.KeyFileError."""
-        own = keys.own_keypair()
-        self.control.curve_server = True
-        self.control.curve_secretkey = own.secret
-        self.control.curve_publickey = own.public
-        self.control.zap_domain = zap.TCP_DOMAIN
-        self._curve_own = own
-
-    def _curve_keys(self) -> set[bytes]:
-        assert self._curve_own is not None
-        allowed, problems = keys.authorized_keys(self._curve_own)
-        for problem in problems:
-            log.warning("authorized keys: %s", problem,
-                        extra=fields("authorized-keys", problem=problem))
-        return allowed
 
     def install_signals(self) -> None:
         self._sigr, self._sigw = os.pipe()
@@ -387,16 +368,7 @@ class Supervisor:
         self.pending.append(PendingStop(envelope, req_id, [s.gpu for s in slots], now, pid))
 
     def _on_zap(self, frames: list[bytes]) -> None:
-        curve = self._curve_keys if self._curve_own is not None else None
-        answer = zap.reply(frames, self.uid, curve)
-        if answer[2] != b"200":
-            mech = frames[5].decode("ascii", "replace") if len(frames) > 5 else "?"
-            address = frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?"
-            line = self._refusals.note(address, mech, self.clock())
-            if line is not None:
-                log.warning("%s", line,
-                            extra=fields("peer-refused", peer=address, mechanism=mech))
-        self.zap.send_multipart(answer)
+        self.zap.send_multipart(self.gate.answer(frames))
 
     def _on_worker(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
