@@ -39,10 +39,11 @@ from keepgpu.client import (
     NoSupervisor,
     _handshake_failure,
     endpoint_for,
+    reply_result,
 )
 from keepgpu.context import _FAILED, _HELD, HoldError, _Keeper, _reason, _unique_name
 from keepgpu.protocol import keys
-from keepgpu.protocol.control import decode_reply, encode_request
+from keepgpu.protocol.control import encode_request
 
 __all__ = ["AsyncClient", "AsyncKeeper", "start_keeper", "hold", "yielded"]
 
@@ -132,18 +133,9 @@ class AsyncClient:
             if left <= 0 or not await self._wait(sock, left):
                 self.close()  # its queue may hold a stale request
                 raise NoSupervisor(f"no answer from {self.endpoint} within {wait:g}s")
-            frames = await sock.recv_multipart()
-            try:
-                reply = decode_reply(frames[-1])
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise CommandFailed("bad_reply", f"unreadable reply: {exc}") from None
-            if reply.get("id") == req_id:
-                break  # anything else answers an earlier call that timed out
-        if not reply["ok"]:
-            err = reply.get("error") or {}
-            raise CommandFailed(str(err.get("code")), str(err.get("message")))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
+            result = reply_result((await sock.recv_multipart())[-1], req_id)
+            if result is not None:
+                return result
 
     async def _wait(self, sock: zmq.asyncio.Socket, seconds: float) -> bool:
         """Whether a reply is readable within `seconds`; AuthFailed on a refused handshake."""

@@ -67,6 +67,22 @@ def endpoint_for(name: str = "default", runtime_dir: Path | None = None) -> str:
     return paths_for(name, runtime_dir).control_endpoint
 
 
+def reply_result(frame: bytes, req_id: Any) -> dict[str, Any] | None:
+    """The result of the reply to request `req_id`; None for a reply to an earlier call that
+    timed out (to be skipped). Raises CommandFailed for an error reply or an unreadable one."""
+    try:
+        reply = decode_reply(frame)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CommandFailed("bad_reply", f"unreadable reply: {exc}") from None
+    if reply.get("id") != req_id:
+        return None
+    if not reply["ok"]:
+        err = reply.get("error") or {}
+        raise CommandFailed(str(err.get("code")), str(err.get("message")))
+    result = reply.get("result")
+    return result if isinstance(result, dict) else {}
+
+
 def stale_socket(socket_path: str) -> str | None:
     """Why the supervisor behind ipc socket file `socket_path` is known to be gone, else None.
 
@@ -191,18 +207,9 @@ class Client:
             if left_ms <= 0 or not self._wait(sock, left_ms):
                 self._drop_socket()
                 raise NoSupervisor(f"no answer from {self.endpoint} within {wait:g}s")
-            frames = sock.recv_multipart()
-            try:
-                reply = decode_reply(frames[-1])
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise CommandFailed("bad_reply", f"unreadable reply: {exc}") from None
-            if reply.get("id") == req_id:
-                break  # anything else answers an earlier call that timed out
-        if not reply["ok"]:
-            err = reply.get("error") or {}
-            raise CommandFailed(str(err.get("code")), str(err.get("message")))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
+            result = reply_result(sock.recv_multipart()[-1], req_id)
+            if result is not None:
+                return result
 
     def yield_bound(self) -> float:
         """Seconds a `yield` (or `stop`) reply may take: the keeper's join + kill timeouts
